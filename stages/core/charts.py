@@ -1,0 +1,75 @@
+"""PNG charts for people to look at: token lengths, loss curves, truth against prediction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stages.core.io import atomic_path
+from stages.core.metrics import GREEN, ORANGE, RED
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+
+
+def token_histogram(lengths: dict[str, list[int]], max_length: int, path: Path) -> None:
+    """Histogram of tokens per example for each split, with the max_length cut-off marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, values in lengths.items():
+        ax.hist(values, bins=30, alpha=0.6, label=f"{name} (n={len(values)})")
+    ax.axvline(max_length, color="black", linestyle="--", label=f"max_length={max_length}")
+    ax.set_xlabel("tokens per example (prompt + completion)")
+    ax.set_ylabel("examples")
+    ax.set_title("Token lengths")
+    ax.legend()
+    _save(fig, path)
+
+
+def loss_curve(rows: list[dict], path: Path) -> None:
+    """Training and validation loss against optimizer steps, with tokens seen on a second axis."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    train = [r for r in rows if r.get("train_loss") is not None]
+    val = [r for r in rows if r.get("val_loss") is not None]
+    ax.plot([r["step"] for r in train], [r["train_loss"] for r in train], label="training loss")
+    ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (completion tokens)")
+    ax.set_title("QLoRA training")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    steps_tokens = [(r["step"], r["tokens_seen"]) for r in rows if r.get("tokens_seen")]
+    if steps_tokens and steps_tokens[-1][0] > 0:
+        per_step = steps_tokens[-1][1] / steps_tokens[-1][0]
+        top = ax.secondary_xaxis("top", functions=(lambda s: s * per_step, lambda t: t / per_step))
+        top.set_xlabel("tokens seen (approx.)")
+    _save(fig, path)
+
+
+def price_scatter(truths: list[float], predictions: list[float], bands: list[str], title: str, path: Path) -> None:
+    """Truth against prediction, coloured by the course's bands, with the y = x line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 7))
+    colours = {GREEN: "tab:green", ORANGE: "tab:orange", RED: "tab:red"}
+    ax.scatter(truths, predictions, s=12, c=[colours[b] for b in bands], alpha=0.8)
+    top = max(max(truths), max(predictions), 1.0) * 1.05
+    ax.plot([0, top], [0, top], color="tab:blue", linewidth=1, label="y = x")
+    ax.set_xlim(0, top)
+    ax.set_ylim(0, top)
+    ax.set_xlabel("true price ($)")
+    ax.set_ylabel("predicted price ($)")
+    ax.set_title(title)
+    ax.legend(loc="upper left")
+    _save(fig, path)

@@ -1,0 +1,29 @@
+"""The shared `main()` wrapper: load params, run the stage, turn expected failures into one clear line."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+
+from stages.core.config import ConfigError, Params, load_params
+from stages.core.paths import Paths
+
+
+class StageError(RuntimeError):
+    """A failure the user can act on: bad input, a missing file, an impossible setting."""
+
+
+def run_stage(name: str, run: Callable[[Params, Paths], object], argv: list[str] | None = None) -> int:
+    """Run `run(params, paths)` from the current directory; print its result; return an exit code."""
+    del argv  # stages take no flags: every setting lives in params.yaml so DVC sees it
+    started = time.perf_counter()
+    paths = Paths.at(".")
+    try:
+        params = load_params(paths.params)
+        result = run(params, paths)
+    except (ConfigError, StageError, FileNotFoundError, ValueError) as exc:
+        print(f"[{name}] error: {exc}", file=sys.stderr)
+        return 1
+    print(f"[{name}] done in {time.perf_counter() - started:.1f}s: {result}")
+    return 0

@@ -1,0 +1,209 @@
+"""Typed view of params.yaml: one frozen dataclass per section.
+
+`load_params("params.yaml")` returns a `Params`; unknown keys, missing sections and values of the
+wrong type raise `ConfigError` naming the section and key. Stages read only the sections they declare
+in dvc.yaml, so DVC re-runs exactly the stages whose parameters changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """params.yaml is missing a key, has an unknown one, or holds a value of the wrong type."""
+
+
+@dataclass(frozen=True)
+class BaseModelConfig:
+    source: str = "embedded:smollm2"  # "embedded:smollm2", a Hub model id, or a local model directory
+    revision: str = "main"  # Hub branch, tag or commit hash; ignored for local sources
+    hub_id: str = "HuggingFaceTB/SmolLM2-135M-Instruct"  # id written to adapter_config.json and the card
+    license: str = "apache-2.0"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "embedded:diamonds"  # "embedded:diamonds", a .csv/.jsonl/.parquet path, or a Hub dataset id
+    revision: str | None = None  # Hub dataset revision
+    hub_split: str = "train"  # split of the Hub dataset to read
+    text_column: str = "text"
+    price_column: str = "price"
+    min_price: float = 0.01
+    max_price: float | None = None
+    min_text_chars: int = 1
+    seed: int = 42
+    n_test: int = 200
+    n_val: int = 50
+    n_train: int = 1000
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    template: str = "How much does this cost to the nearest dollar?\n\n{text}\n\nPrice is $"
+    completion: str = "{price:.0f}.00"
+    max_length: int = 182
+    add_eos: bool = True
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    load_in_4bit: bool = True
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on CPU
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 32
+    alpha: int = 64
+    dropout: float = 0.1
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 42
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 4
+    grad_accum: int = 1
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.001
+    max_grad_norm: float = 0.3
+    optimizer: str = "auto"
+    eval_steps: int = 50
+    logging_steps: int = 10
+    gradient_checkpointing: bool = False
+    threads: int = 0
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    batch_size: int = 16
+    max_new_tokens: int = 8
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    push: bool = False
+    repo_id: str | None = None
+    private: bool = True
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    experiment: str = "qlora-price"
+    tracking_uri: str | None = None  # default: sqlite:///<project root>/mlflow.db
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    stage_retries: int = 0
+    retry_delay_seconds: int = 10
+
+
+@dataclass(frozen=True)
+class Params:
+    base_model: BaseModelConfig
+    data: DataConfig
+    prompt: PromptConfig
+    quantization: QuantizationConfig
+    lora: LoraConfig
+    train: TrainConfig
+    evaluate: EvaluateConfig
+    export: ExportConfig
+    tracking: TrackingConfig
+    flow: FlowConfig
+
+
+def _coerce(value, hint, where: str):
+    """Return `value` checked against the type `hint`; raise ConfigError naming `where` otherwise."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [o for o in options if o is not type(None)]
+        return _coerce(value, inner, where)
+    if origin is list:
+        (inner,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        # YAML 1.1 reads "2e-4" as a string; DVC's `-S key=2e-4` can write it that way.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def section_from_dict(cls, data: dict | None, name: str):
+    """Build the dataclass `cls` for section `name` from a dict, rejecting unknown keys."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"params section '{name}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"params section '{name}': unknown key(s) {unknown}; known keys are {sorted(known)}")
+    values = {key: _coerce(value, hints[key], f"{name}.{key}") for key, value in data.items()}
+    return cls(**values)
+
+
+def params_from_dict(raw: dict) -> Params:
+    """Build `Params` from the parsed YAML mapping; every section may be omitted to take defaults."""
+    if not isinstance(raw, dict):
+        raise ConfigError("params.yaml must be a mapping of sections")
+    hints = typing.get_type_hints(Params)
+    unknown = sorted(set(raw) - set(hints))
+    if unknown:
+        raise ConfigError(f"params.yaml: unknown section(s) {unknown}; known sections are {sorted(hints)}")
+    return Params(**{name: section_from_dict(cls, raw.get(name), name) for name, cls in hints.items()})
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; raise ConfigError with the file name on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: parameters file not found (run from the project root)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    try:
+        return params_from_dict(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def flatten(params: Params) -> dict[str, object]:
+    """Flatten params into {"section.key": value} for MLflow (lists joined by commas)."""
+    flat: dict[str, object] = {}
+    for section in dataclasses.fields(params):
+        for key, value in dataclasses.asdict(getattr(params, section.name)).items():
+            flat[f"{section.name}.{key}"] = ",".join(map(str, value)) if isinstance(value, list) else value
+    return flat

@@ -1,0 +1,52 @@
+"""Scores for price predictions, as the course reports them.
+
+An item is a hit (green) when its absolute error is under $40 or under 20% of the truth, orange under
+$80 or 40%, red otherwise. RMSLE uses log(x + 1). A prediction that could not be parsed counts as $0
+(an honest worst case) and is counted separately, never dropped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+GREEN, ORANGE, RED = "green", "orange", "red"
+
+
+def band(truth: float, prediction: float) -> str:
+    """The course's colour band for one prediction."""
+    error = abs(prediction - truth)
+    relative = error / truth if truth > 0 else math.inf
+    if error < 40 or relative < 0.2:
+        return GREEN
+    if error < 80 or relative < 0.4:
+        return ORANGE
+    return RED
+
+
+def price_metrics(truths: Sequence[float], predictions: Sequence[float | None]) -> dict[str, float]:
+    """Average absolute error, RMSLE, hit rate, band shares, MSE, R² and the unparsed count.
+
+    `predictions` may hold None for outputs that had no number; they are scored as 0.
+    """
+    if len(truths) != len(predictions) or not truths:
+        raise ValueError(f"need as many predictions as truths (got {len(predictions)} and {len(truths)}), at least one")
+    values = [max(p, 0.0) if p is not None else 0.0 for p in predictions]
+    n = len(truths)
+    errors = [abs(p - t) for p, t in zip(values, truths, strict=True)]
+    squared_log = [(math.log1p(p) - math.log1p(t)) ** 2 for p, t in zip(values, truths, strict=True)]
+    bands = [band(t, p) for t, p in zip(truths, values, strict=True)]
+    mean_truth = sum(truths) / n
+    total_ss = sum((t - mean_truth) ** 2 for t in truths)
+    mse = sum(e * e for e in errors) / n
+    return {
+        "n": n,
+        "avg_error": sum(errors) / n,
+        "rmsle": math.sqrt(sum(squared_log) / n),
+        "hit_rate": bands.count(GREEN) / n,
+        "orange_rate": bands.count(ORANGE) / n,
+        "red_rate": bands.count(RED) / n,
+        "mse": mse,
+        "r2": 1.0 - (mse * n) / total_ss if total_ss > 0 else 0.0,
+        "unparsed": sum(p is None for p in predictions),
+    }

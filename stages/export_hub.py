@@ -1,0 +1,166 @@
+"""Stage `export_hub`: package the adapter for the Hugging Face Hub, and push it only when asked.
+
+Reads models/adapter/, models/base/source.json, metrics/{eval,data,train}.json, reports/*.png and
+params `base_model`, `lora`, `train`, `prompt` and `export`.
+Writes export/: the adapter (adapter_config.json names the base by its Hub id, not a local path), the
+tokenizer, the charts and a model card (README.md with Hub metadata, how to load it, the metrics
+table, data hashes and hyperparameters). With `export.push: true` and HF_TOKEN in the environment the
+folder is uploaded to `export.repo_id` (private by default); the token is read from the environment
+only and is never written anywhere.
+
+Run: `python -m stages.export_hub` (or `dvc repro export_hub`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from stages.core.cli import StageError, run_stage
+from stages.core.config import Params
+from stages.core.io import atomic_path, read_json
+from stages.core.paths import Paths
+from stages.core.report import comparison_markdown
+
+CHARTS = ("scatter.png", "loss_curve.png")
+
+
+@dataclass(frozen=True)
+class Result:
+    folder: str
+    pushed_to: str | None
+
+
+def copy_adapter(adapter: Path, out: Path, hub_id: str) -> None:
+    """Copy adapter and tokenizer files into `out`, naming the base model by its Hub id."""
+    shutil.copytree(adapter, out)
+    config_path = out / "adapter_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = hub_id
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def model_card(params: Params, evaluation: dict, data: dict, training: dict, repo_id: str | None) -> str:
+    """The README.md of the exported folder: Hub metadata, usage, metrics, lineage, hyperparameters, limits."""
+    hub_id, lora, train = params.base_model.hub_id, params.lora, params.train
+    name = repo_id or "path/to/export"
+    hashes = "\n".join(
+        f"| {split} | {data[split]['n']} | `{data[split]['sha256'][:16]}` |" for split in ("train", "val", "test")
+    )
+    return f"""---
+base_model: {hub_id}
+library_name: peft
+license: {params.base_model.license}
+pipeline_tag: text-generation
+tags:
+- qlora
+- lora
+- peft
+- price-prediction
+---
+
+# {name.split("/")[-1]}: a QLoRA price predictor on {hub_id}
+
+LoRA adapter trained on `{hub_id}` loaded in 4-bit NF4 (QLoRA) to complete a product description
+prompt with its price. Prompt (the description goes in `{{text}}`):
+
+```
+{params.prompt.template}
+```
+
+## How to load it
+
+```python
+from peft import AutoPeftModelForCausalLM
+from transformers import AutoTokenizer
+
+model = AutoPeftModelForCausalLM.from_pretrained("{name}")
+tokenizer = AutoTokenizer.from_pretrained("{name}")
+```
+
+## Evaluation on the held-out test set ({evaluation["adapter"]["n"]} items)
+
+{comparison_markdown(evaluation)}
+
+An item is a hit when the prediction is within $40 or 20% of the true price. RMSLE uses log(x+1).
+
+![truth against prediction](scatter.png)
+
+## Training
+
+| setting | value |
+|---|---|
+| LoRA r / alpha / dropout | {lora.r} / {lora.alpha} / {lora.dropout} |
+| target modules | {", ".join(lora.target_modules)} |
+| quantization | 4-bit {params.quantization.quant_type}, double quantization {params.quantization.double_quant} |
+| epochs / max steps | {train.epochs} / {train.max_steps} |
+| batch size x accumulation | {train.batch_size} x {train.grad_accum} |
+| learning rate / schedule / warmup | {train.learning_rate} / {train.lr_scheduler} / {train.warmup_ratio} |
+| optimizer steps / tokens seen | {training.get("steps")} / {training.get("tokens_seen")} |
+| final train / validation loss | {training.get("train_loss") or 0:.4f} / {training.get("val_loss") or 0:.4f} |
+| trainable parameters | {training.get("trainable_parameters"):,} |
+
+![loss curve](loss_curve.png)
+
+## Data
+
+Source: `{params.data.source}`; {data["rows_in"]} rows in, {data["rows_kept"]} kept after cleaning and
+deduplication. Each split's sha256 (of its JSONL file):
+
+| split | rows | sha256 (first 16) |
+|---|---:|---|
+{hashes}
+
+## Limits
+
+The adapter knows only the price range and kinds of products in its training data; outside them its
+numbers are guesses. It was trained for {training.get("steps")} steps and is a pipeline demonstration first.
+"""
+
+
+def push(folder: Path, repo_id: str | None, private: bool) -> str:
+    """Upload `folder` to the Hub repo `repo_id` with the token in HF_TOKEN; checks happen before any upload."""
+    token = os.environ.get("HF_TOKEN")
+    if not repo_id:
+        raise StageError("export.push is true but export.repo_id is empty; set it to owner/name")
+    if not token:
+        raise StageError("export.push is true but HF_TOKEN is not set in the environment; nothing was uploaded")
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Upload QLoRA adapter")
+    except Exception as exc:  # network and permission errors; never echo the token
+        raise StageError(f"upload to {repo_id} failed: {exc.__class__.__name__}: {exc}") from exc
+    return repo_id
+
+
+def run(params: Params, paths: Paths) -> Result:
+    """Build export/ atomically from the adapter, metrics and charts; push it when params ask."""
+    if not (paths.adapter / "adapter_config.json").is_file():
+        raise StageError(f"{paths.adapter}: no adapter found; run train_qlora first")
+    evaluation, data = read_json(paths.eval_metrics), read_json(paths.data_metrics)
+    training = read_json(paths.train_metrics)
+    with atomic_path(paths.export) as tmp:
+        copy_adapter(paths.adapter, tmp, params.base_model.hub_id)
+        for chart in CHARTS:
+            source = paths.root / "reports" / chart
+            if source.is_file():
+                shutil.copy2(source, tmp / chart)
+        card = model_card(params, evaluation, data, training, params.export.repo_id)
+        (tmp / "README.md").write_text(card, encoding="utf-8")
+    pushed = push(paths.export, params.export.repo_id, params.export.private) if params.export.push else None
+    print(f"exported to {paths.export}" + (f" and pushed to {pushed}" if pushed else " (export.push is off)"))
+    return Result(folder=str(paths.export), pushed_to=pushed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage("export_hub", run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,117 @@
+"""Stage `tokenize_data`: turn the train and validation splits into token ids with completion-only labels.
+
+Reads data/splits/{train,val}.jsonl, the tokenizer in models/base/, and params `prompt` (template,
+completion, max_length, add_eos). Each example is the prompt (the template with the description)
+followed by the completion (the price, e.g. "99.00", then EOS); prompt tokens are labelled -100 so the
+loss covers the completion only. Descriptions too long for max_length are cut and counted.
+Stops with an error naming the split and line when an example would keep no label token.
+Writes data/tokenized/{train,val} (Hugging Face datasets, arrow), metrics/tokens.json,
+plots/token_lengths.csv and reports/token_lengths.png.
+
+Run: `python -m stages.tokenize_data` (or `dvc repro tokenize_data`).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from stages.core.charts import token_histogram
+from stages.core.cli import StageError, run_stage
+from stages.core.config import Params, PromptConfig
+from stages.core.io import atomic_path, read_jsonl, write_csv, write_json
+from stages.core.modeling import load_tokenizer
+from stages.core.paths import Paths
+from stages.core.prompts import IGNORE_INDEX, encode_example, render_completion
+
+TOKENIZED_SPLITS = ("train", "val")
+HISTOGRAM_BIN = 8  # tokens per bar of the DVC length plot
+
+
+@dataclass(frozen=True)
+class Result:
+    examples: dict[str, int]
+    truncated: dict[str, int]
+    max_tokens: int
+
+
+def encode_split(tokenizer, rows: list[dict], cfg: PromptConfig, where: str) -> tuple[dict[str, list], int]:
+    """Columns input_ids/labels for `rows`, and how many were truncated; `where` names the file in errors."""
+    columns: dict[str, list] = {"input_ids": [], "labels": []}
+    truncated = 0
+    for line, row in enumerate(rows, start=1):
+        encoded = encode_example(
+            tokenizer,
+            cfg.template,
+            row["text"],
+            render_completion(cfg.completion, row["price"]),
+            cfg.max_length,
+            cfg.add_eos,
+        )
+        if all(label == IGNORE_INDEX for label in encoded.labels):
+            raise StageError(
+                f"{where}:{line}: field 'text' leaves no completion token within prompt.max_length="
+                f"{cfg.max_length}; raise max_length or shorten the template"
+            )
+        columns["input_ids"].append(encoded.input_ids)
+        columns["labels"].append(encoded.labels)
+        truncated += encoded.truncated
+    return columns, truncated
+
+
+def length_rows(lengths: dict[str, list[int]]) -> list[dict]:
+    """Rows of (split, length bin, examples) for the DVC bar plot."""
+    rows = []
+    for name, values in lengths.items():
+        counts = Counter(v // HISTOGRAM_BIN * HISTOGRAM_BIN for v in values)
+        rows += [{"split": name, "tokens": start, "examples": counts[start]} for start in sorted(counts)]
+    return rows
+
+
+def run(params: Params, paths: Paths) -> Result:
+    """Tokenize the train and val splits; write the arrow datasets, the length report and plot."""
+    from datasets import Dataset, DatasetDict
+
+    cfg = params.prompt
+    tokenizer = load_tokenizer(paths.base_model)
+    encoded, truncated, lengths = {}, {}, {}
+    for name in TOKENIZED_SPLITS:
+        source = paths.split(name)
+        columns, truncated[name] = encode_split(tokenizer, read_jsonl(source), cfg, str(source))
+        encoded[name] = Dataset.from_dict(columns)
+        lengths[name] = [len(ids) for ids in columns["input_ids"]]
+        if not lengths[name]:
+            raise StageError(f"{source}: no examples to tokenize")
+    with atomic_path(paths.tokenized) as tmp:
+        DatasetDict(encoded).save_to_disk(str(tmp))
+    report = {
+        name: {
+            "examples": len(lengths[name]),
+            "truncated": truncated[name],
+            "tokens": sum(lengths[name]),
+            "mean_tokens": sum(lengths[name]) / len(lengths[name]),
+            "max_tokens": max(lengths[name]),
+        }
+        for name in TOKENIZED_SPLITS
+    }
+    write_json(paths.token_metrics, report)
+    write_csv(paths.token_lengths_plot, length_rows(lengths))
+    token_histogram(lengths, cfg.max_length, paths.token_histogram)
+    for name, stats in report.items():
+        print(
+            f"{name}: {stats['examples']} examples, {stats['tokens']} tokens "
+            f"(mean {stats['mean_tokens']:.1f}, max {stats['max_tokens']}), {stats['truncated']} truncated"
+        )
+    return Result(
+        examples={n: r["examples"] for n, r in report.items()},
+        truncated=truncated,
+        max_tokens=max(r["max_tokens"] for r in report.values()),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage("tokenize_data", run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,43 @@
+"""evaluate_adapter: three rows on one test set, every item accounted for, chart and plot written."""
+
+import json
+
+from stages.core.io import read_jsonl
+from stages.core.metrics import price_metrics
+
+
+def test_three_rows_scored_on_the_same_test_set(pipeline_project):
+    paths, _, _ = pipeline_project
+    metrics = json.loads(paths.eval_metrics.read_text())
+    for key in ("adapter", "base_zero_shot", "mean_baseline"):
+        assert metrics[key]["n"] == 12
+        assert set(metrics[key]) >= {"avg_error", "rmsle", "hit_rate", "mse", "r2", "unparsed"}
+    assert metrics["mean_baseline"]["unparsed"] == 0
+    assert metrics["items_per_second"] > 0
+
+
+def test_predictions_account_for_every_item_including_unparsed(pipeline_project):
+    paths, _, _ = pipeline_project
+    rows = read_jsonl(paths.predictions)
+    test = read_jsonl(paths.split("test"))
+    assert [r["text"] for r in rows] == [r["text"] for r in test]
+    metrics = json.loads(paths.eval_metrics.read_text())
+    assert metrics["adapter"]["unparsed"] == sum(r["adapter_prediction"] is None for r in rows)
+    recomputed = price_metrics([r["truth"] for r in rows], [r["adapter_prediction"] for r in rows])
+    assert recomputed == metrics["adapter"]
+
+
+def test_mean_baseline_uses_the_training_mean(pipeline_project):
+    paths, _, _ = pipeline_project
+    train = read_jsonl(paths.split("train"))
+    mean = sum(r["price"] for r in train) / len(train)
+    truths = [r["price"] for r in read_jsonl(paths.split("test"))]
+    expected = price_metrics(truths, [mean] * len(truths))
+    assert json.loads(paths.eval_metrics.read_text())["mean_baseline"] == expected
+
+
+def test_chart_and_dvc_plot_are_written(pipeline_project):
+    paths, _, _ = pipeline_project
+    assert paths.scatter_chart.read_bytes()[:4] == b"\x89PNG"
+    header = paths.predictions_plot.read_text().splitlines()[0]
+    assert header == "truth,prediction,band"

@@ -1,0 +1,77 @@
+"""export_hub: the folder loads with PEFT and predicts what evaluate_adapter predicted; push is gated."""
+
+import json
+
+import pytest
+
+from stages import export_hub
+from stages.core.config import params_from_dict
+from stages.core.io import read_jsonl
+
+
+@pytest.fixture(scope="module")
+def exported(pipeline_project):
+    paths, params, _ = pipeline_project
+    export_hub.run(params, paths)
+    return paths, params
+
+
+def test_folder_holds_adapter_tokenizer_card_and_charts(exported):
+    paths, params = exported
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "tokenizer.json",
+        "README.md",
+        "scatter.png",
+        "loss_curve.png",
+    ):
+        assert (paths.export / name).is_file(), name
+    config = json.loads((paths.export / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == params.base_model.hub_id == "test-org/tiny-llama"
+
+
+def test_model_card_has_metadata_metrics_and_lineage(exported):
+    paths, _params = exported
+    card = (paths.export / "README.md").read_text()
+    front = card.split("---")[1]
+    assert "base_model: test-org/tiny-llama" in front and "library_name: peft" in front
+    assert "fine-tuned adapter" in card and "constant mean price" in card
+    data = json.loads(paths.data_metrics.read_text())
+    assert data["test"]["sha256"][:16] in card
+    assert "scatter.png" in card and "loss_curve.png" in card
+
+
+def test_exported_adapter_reproduces_evaluation_predictions(exported):
+    from peft import PeftModel
+
+    from stages.core.modeling import load_base, load_tokenizer
+    from stages.core.prompts import parse_price
+    from stages.evaluate_adapter import build_prompts, generate
+
+    paths, params = exported
+    test = read_jsonl(paths.split("test"))
+    tokenizer = load_tokenizer(paths.export)
+    model = PeftModel.from_pretrained(load_base(paths.base_model, params.quantization), paths.export)
+    outputs = generate(
+        model,
+        tokenizer,
+        build_prompts(tokenizer, test, params.prompt, params.evaluate.max_new_tokens),
+        params.evaluate,
+        "export",
+    )
+    expected = [r["adapter_prediction"] for r in read_jsonl(paths.predictions)]
+    assert [parse_price(o) for o in outputs] == expected
+
+
+def test_push_without_token_fails_before_upload(exported, monkeypatch):
+    paths, _ = exported
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(export_hub.StageError, match="HF_TOKEN is not set"):
+        export_hub.push(paths.export, "someone/adapter", private=True)
+    with pytest.raises(export_hub.StageError, match="repo_id is empty"):
+        export_hub.push(paths.export, None, private=True)
+
+
+def test_push_is_off_by_default():
+    assert params_from_dict({}).export.push is False

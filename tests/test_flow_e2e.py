@@ -1,0 +1,144 @@
+"""End to end: the Prefect flow drives every DVC stage in a temporary git repository and records the
+run in MLflow; a second `dvc repro` does nothing; params changes invalidate exactly the right stages."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO_ROOT, write_project
+
+COPIED = (
+    "stages",
+    "flows",
+    "dvc.yaml",
+    ".dvc/config",
+    ".dvc/.gitignore",
+    ".dvcignore",
+    ".gitignore",
+    "data/raw/README.md",
+)
+ALL_STAGES = {"base_model", "split_data", "tokenize_data", "train_qlora", "evaluate_adapter", "export_hub"}
+
+
+def run(command: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    if check and done.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(command)} exited {done.returncode}\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+        )
+    return done
+
+
+@pytest.fixture(scope="module")
+def flow_project(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("e2e")
+    for name in COPIED:
+        source = REPO_ROOT / name
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, root / name)
+    write_project(root, tiny_model_dir)
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PREFECT_HOME": str(root / ".prefect-home"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "TQDM_DISABLE": "1",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("PREFECT_API_URL", None)
+    run(["git", "init", "-q"], root, env)
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "tiny project"], root, env)
+    done = run([sys.executable, "-m", "flows.retrain", "--project-dir", str(root)], root, env)
+    return root, env, done
+
+
+def test_flow_runs_every_stage_and_prints_the_table(flow_project):
+    root, _, done = flow_project
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    assert set(lock["stages"]) == ALL_STAGES
+    assert "fine-tuned adapter" in done.stdout and "constant mean price" in done.stdout
+    for name in (
+        "metrics/eval.json",
+        "metrics/train.json",
+        "metrics/data.json",
+        "export/README.md",
+        "export/adapter_model.safetensors",
+        "reports/scatter.png",
+        "plots/loss.csv",
+    ):
+        assert (root / name).is_file(), name
+
+
+def test_mlflow_holds_the_run_with_metrics_artifacts_and_lineage(flow_project):
+    from mlflow import MlflowClient
+
+    root, env, _ = flow_project
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("qlora-price")
+    (mlflow_run,) = client.search_runs([experiment.experiment_id])
+    data = mlflow_run.data
+    evaluation = json.loads((root / "metrics" / "eval.json").read_text())
+    assert data.metrics["eval.adapter.avg_error"] == pytest.approx(evaluation["adapter"]["avg_error"])
+    assert "train.val_loss" in data.metrics and "data.rows_in" in data.metrics
+    assert len(client.get_metric_history(mlflow_run.info.run_id, "train_loss")) >= 5
+    assert data.params["lora.r"] == "4" and data.params["train.learning_rate"] == "0.003"
+    head = run(["git", "rev-parse", "HEAD"], root, env).stdout.strip()
+    assert data.tags["git.commit"] == head and data.tags["started_by"] == "prefect"
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    splits_md5 = next(o["md5"] for o in lock["stages"]["split_data"]["outs"] if o["path"] == "data/splits")
+    assert data.tags["dvc.out.data/splits"] == splits_md5
+    artifacts = {a.path for a in client.list_artifacts(mlflow_run.info.run_id)}
+    assert {"adapter", "plots", "params.yaml", "model_card"} <= artifacts
+    adapter_files = {Path(a.path).name for a in client.list_artifacts(mlflow_run.info.run_id, "adapter")}
+    assert "adapter_model.safetensors" in adapter_files
+
+
+def test_second_repro_does_nothing(flow_project):
+    root, env, _ = flow_project
+    adapter = root / "models" / "adapter" / "adapter_model.safetensors"
+    before = adapter.stat().st_mtime_ns
+    done = run([sys.executable, "-m", "dvc", "repro"], root, env)
+    assert "Running stage" not in done.stdout
+    assert adapter.stat().st_mtime_ns == before
+    assert "up to date" in run([sys.executable, "-m", "dvc", "status"], root, env).stdout
+
+
+def changed_stages(root: Path, env: dict, section: str, key: str, value) -> set[str]:
+    params_path = root / "params.yaml"
+    original = params_path.read_text()
+    params = yaml.safe_load(original)
+    params.setdefault(section, {})[key] = value
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        status = json.loads(run([sys.executable, "-m", "dvc", "status", "--json"], root, env).stdout)
+    finally:
+        params_path.write_text(original)
+    return set(status)
+
+
+def test_learning_rate_change_invalidates_train_evaluate_export_only(flow_project):
+    root, env, _ = flow_project
+    assert changed_stages(root, env, "train", "learning_rate", 0.001) == {
+        "train_qlora",
+        "evaluate_adapter",
+        "export_hub",
+    }
+
+
+def test_split_seed_change_invalidates_from_split_on(flow_project):
+    root, env, _ = flow_project
+    assert changed_stages(root, env, "data", "seed", 8) == ALL_STAGES - {"base_model"}

@@ -1,0 +1,38 @@
+"""Every module in stages/ and flows/ imports, and importing a stage does not pull in torch or prefect."""
+
+import importlib
+import pkgutil
+import subprocess
+import sys
+
+import pytest
+
+import flows
+import stages
+
+MODULES = sorted(
+    name
+    for package in (stages, flows)
+    for _, name, _ in pkgutil.walk_packages(package.__path__, prefix=f"{package.__name__}.")
+)
+
+
+def test_every_stage_has_a_module():
+    expected = {"base_model", "split_data", "tokenize_data", "train_qlora", "evaluate_adapter", "export_hub"}
+    assert expected <= {name.split(".")[-1] for name in MODULES}
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_module_imports(name):
+    module = importlib.import_module(name)
+    assert module.__doc__, f"{name} has no docstring"
+
+
+@pytest.mark.parametrize("name", [m for m in MODULES if m.count(".") == 1 and m.startswith("stages.")])
+def test_stage_import_is_cheap_and_prefect_free(name):
+    heavy = "('torch', 'transformers', 'prefect', 'mlflow')"
+    code = f"import sys, {name}; print(sorted(m for m in {heavy} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    module = importlib.import_module(name)
+    assert callable(module.run) and callable(module.main)

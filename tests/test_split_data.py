@@ -1,0 +1,109 @@
+"""split_data: sources, cleaning counts, deduplication, frozen test set, clear errors, outputs kept."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from stages import split_data
+from stages.core.config import params_from_dict
+from stages.core.io import read_jsonl
+from stages.core.paths import Paths
+from tests.conftest import price_rows
+
+
+def run_with(project, **data):
+    paths = Paths.at(project)
+    params = params_from_dict(
+        {"data": {"source": "data/raw/prices.csv", "n_test": 10, "n_val": 5, "n_train": 20, **data}}
+    )
+    return split_data.run(params, paths), paths
+
+
+def test_embedded_diamonds_render_real_prices(tmp_path):
+    params = params_from_dict({"data": {"n_test": 20, "n_val": 10, "n_train": 30}})
+    result = split_data.run(params, Paths.at(tmp_path))
+    assert result.rows_in == 53940
+    row = read_jsonl(tmp_path / "data" / "splits" / "train.jsonl")[0]
+    assert "carat" in row["text"] and "clarity" in row["text"] and row["price"] > 0
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_local_formats(project, suffix):
+    table = pd.DataFrame(price_rows(60)).rename(columns={"text": "description", "price": "usd"})
+    path = project / "data" / "raw" / f"items{suffix}"
+    {
+        ".csv": lambda: table.to_csv(path, index=False),
+        ".jsonl": lambda: table.to_json(path, orient="records", lines=True),
+        ".parquet": lambda: table.to_parquet(path),
+    }[suffix]()
+    result, _ = run_with(project, source=str(path), text_column="description", price_column="usd")
+    assert result.sizes == {"train": 20, "val": 5, "test": 10}
+
+
+def test_cleaning_counts_every_dropped_row(project):
+    rows = [
+        *price_rows(40),
+        {"text": "free sample", "price": 0},
+        {"text": "refund", "price": -5},
+        {"text": "unknown", "price": None},
+        {"text": "   ", "price": 12},
+        {"text": "typo", "price": "twelve"},
+        {"text": "  A RED kettle,   model 0, size 1 cm. ", "price": 99},  # duplicate of row 0 after normalising
+    ]
+    rows[0] = {"text": "A red kettle, model 0, size 1 cm.", "price": 10}
+    pd.DataFrame(rows).to_csv(project / "data" / "raw" / "prices.csv", index=False)
+    result, paths = run_with(project, n_train=-1)
+    assert result.dropped == {
+        "price_too_low": 2,
+        "price_missing_or_infinite": 1,
+        "text_empty_or_short": 1,
+        "price_not_numeric": 1,
+        "duplicate_text": 1,
+    }
+    summary = json.loads(paths.data_metrics.read_text())
+    assert summary["rows_in"] == 46 and summary["rows_kept"] == 40
+    assert sum(summary[s]["n"] for s in ("train", "val", "test")) == 40
+
+
+def test_no_text_is_shared_between_splits(project):
+    _, paths = run_with(project)
+    texts = {name: {r["text"].lower() for r in read_jsonl(paths.split(name))} for name in ("train", "val", "test")}
+    assert not texts["train"] & texts["test"] and not texts["val"] & texts["test"]
+
+
+def test_test_set_is_frozen_when_train_size_changes(project):
+    _, paths = run_with(project, n_train=20)
+    first = paths.split("test").read_text()
+    run_with(project, n_train=40)
+    assert paths.split("test").read_text() == first
+    assert len(read_jsonl(paths.split("train"))) == 40
+
+
+def test_same_seed_same_split_and_hash(project):
+    _, paths = run_with(project)
+    first = json.loads(paths.data_metrics.read_text())
+    run_with(project)
+    assert json.loads(paths.data_metrics.read_text()) == first
+
+
+def test_impossible_sizes_fail_and_keep_previous_outputs(project):
+    _, paths = run_with(project)
+    before = paths.split("train").read_text()
+    with pytest.raises(split_data.StageError, match="needs 1015"):
+        run_with(project, n_train=1000)
+    assert paths.split("train").read_text() == before
+
+
+def test_missing_column_is_named(project):
+    with pytest.raises(split_data.StageError, match=r"\['cost'\] not found"):
+        run_with(project, price_column="cost")
+
+
+def test_missing_file_and_unknown_format_exit_nonzero(project):
+    (project / "params.yaml").write_text("data:\n  source: data/raw/absent.csv\n", encoding="utf-8")
+    assert split_data.main([]) == 1
+    (project / "params.yaml").write_text("data:\n  source: data/raw/table.xlsx\n", encoding="utf-8")
+    (project / "data" / "raw" / "table.xlsx").write_text("x", encoding="utf-8")
+    assert split_data.main([]) == 1
+    assert not (project / "data" / "splits").exists()
