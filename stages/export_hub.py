@@ -1,6 +1,6 @@
 """Stage `export_hub`: package the adapter for the Hugging Face Hub, and push it only when asked.
 
-Reads models/adapter/, models/base/source.json, metrics/{eval,data,train}.json, reports/*.png and
+Reads models/adapter/, models/base/source.json (the base's Hub id), metrics/{eval,data,train}.json, reports/*.png and
 params `base_model`, `lora`, `train`, `prompt` and `export`.
 Writes export/: the adapter (adapter_config.json names the base by its Hub id, not a local path), the
 tokenizer, the charts and a model card (README.md with Hub metadata, how to load it, the metrics
@@ -43,9 +43,9 @@ def copy_adapter(adapter: Path, out: Path, hub_id: str) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def model_card(params: Params, evaluation: dict, data: dict, training: dict, repo_id: str | None) -> str:
+def model_card(params: Params, hub_id: str, evaluation: dict, data: dict, training: dict) -> str:
     """The README.md of the exported folder: Hub metadata, usage, metrics, lineage, hyperparameters, limits."""
-    hub_id, lora, train = params.base_model.hub_id, params.lora, params.train
+    lora, train, repo_id = params.lora, params.train, params.export.repo_id
     name = repo_id or "path/to/export"
     hashes = "\n".join(
         f"| {split} | {data[split]['n']} | `{data[split]['sha256'][:16]}` |" for split in ("train", "val", "test")
@@ -145,13 +145,14 @@ def run(params: Params, paths: Paths) -> Result:
         raise StageError(f"{paths.adapter}: no adapter found; run train_qlora first")
     evaluation, data = read_json(paths.eval_metrics), read_json(paths.data_metrics)
     training = read_json(paths.train_metrics)
+    hub_id = read_json(paths.base_model / "source.json")["hub_id"]
     with atomic_path(paths.export) as tmp:
-        copy_adapter(paths.adapter, tmp, params.base_model.hub_id)
+        copy_adapter(paths.adapter, tmp, hub_id)
         for chart in CHARTS:
             source = paths.root / "reports" / chart
             if source.is_file():
                 shutil.copy2(source, tmp / chart)
-        card = model_card(params, evaluation, data, training, params.export.repo_id)
+        card = model_card(params, hub_id, evaluation, data, training)
         (tmp / "README.md").write_text(card, encoding="utf-8")
     pushed = push(paths.export, params.export.repo_id, params.export.private) if params.export.push else None
     print(f"exported to {paths.export}" + (f" and pushed to {pushed}" if pushed else " (export.push is off)"))

@@ -7,7 +7,6 @@ The tiny model (2 layers, hidden size 64) trains and generates in seconds on a C
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -93,12 +92,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 def write_project(root: Path, tiny_model_dir: Path, overrides: dict | None = None, n_rows: int = 90) -> Path:
-    """A project folder with tiny params, the tiny model as local base source and a price CSV."""
+    """A project folder with the repository's params.yaml made tiny, the tiny model as local base source
+    and a price CSV."""
     import pandas as pd
 
-    params = json.loads(json.dumps(TINY_PARAMS))
-    for section, values in (overrides or {}).items():
-        params.setdefault(section, {}).update(values)
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text(encoding="utf-8"))  # every section, as DVC needs
+    for changes in (TINY_PARAMS, overrides or {}):
+        for section, values in changes.items():
+            params[section].update(values)
     (root / "data" / "raw").mkdir(parents=True, exist_ok=True)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     pd.DataFrame(price_rows(n_rows)).to_csv(root / "data" / "raw" / "prices.csv", index=False)

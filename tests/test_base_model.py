@@ -59,6 +59,7 @@ def test_hub_id_resolves_through_huggingface_hub(tmp_path, tiny_model_dir, revis
     assert done.returncode == 0, done.stderr
     source = json.loads((tmp_path / "models" / "base" / "source.json").read_text())
     assert source["kind"] == "hub" and source["resolved_revision"] == COMMIT
+    assert source["hub_id"] == "test-org/tiny-llama"  # derived from the source when params leave it unset
     assert (tmp_path / "models" / "base" / "model.safetensors").is_file()
 
 

@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 class BaseModelConfig:
     source: str = "embedded:smollm2"  # "embedded:smollm2", a Hub model id, or a local model directory
     revision: str = "main"  # Hub branch, tag or commit hash; ignored for local sources
-    hub_id: str = "HuggingFaceTB/SmolLM2-135M-Instruct"  # id written to adapter_config.json and the card
+    hub_id: str | None = None  # id for adapter_config.json and the card; None: derived from the source
     license: str = "apache-2.0"
 
 
