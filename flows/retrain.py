@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # read when prefect is imported
+# The temporary server takes ~20 s to start on 2 busy cores; Prefect's default wait is 20 s.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 import argparse
 import subprocess

@@ -1,0 +1,1 @@
+"""DVC stages of the QLoRA pipeline: one module per stage, shared pieces in stages.core."""

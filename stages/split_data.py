@@ -2,7 +2,8 @@
 
 Reads params `data`. The source is `embedded:diamonds` (the diamonds table shipped with plotnine,
 rendered into product descriptions), a local .csv/.tsv/.jsonl/.json/.parquet file with a text column and a
-price column (put it under data/raw/ so DVC tracks it), or a Hub dataset id read with `datasets`.
+price column (put it under data/raw/ so DVC tracks it), or a Hub dataset id (or a local folder in Hub
+layout) read with `datasets.load_dataset` at `revision`, split `hub_split`.
 Cleaning drops rows with a missing, non-numeric or non-positive price, a price outside
 [min_price, max_price], or empty text; duplicates (same text after lower-casing and collapsing spaces)
 keep their first row, so no text is in two splits. The shuffle is seeded and the test set is taken
@@ -83,12 +84,15 @@ def load_local(path: Path):
         raise StageError(f"{path}: cannot be read as {suffix[1:]}: {exc}") from exc
 
 
-def load_hub(cfg: DataConfig):
-    """A Hub dataset split (or the local datasets cache when offline) as a DataFrame."""
+def load_hub(cfg: DataConfig, source: str):
+    """A split of a Hub dataset id, or of a local dataset folder in Hub layout, as a DataFrame.
+
+    Both go through `datasets.load_dataset`; offline, Hub ids are read from the local datasets cache.
+    """
     import datasets
 
     try:
-        dataset = datasets.load_dataset(cfg.source, split=cfg.hub_split, revision=cfg.revision)
+        dataset = datasets.load_dataset(source, split=cfg.hub_split, revision=cfg.revision)
     except Exception as exc:  # network, missing split, missing dataset: all end the stage
         raise StageError(f"data.source={cfg.source!r} (split {cfg.hub_split!r}) cannot be loaded: {exc}") from exc
     return dataset.to_pandas()
@@ -100,7 +104,12 @@ def load_raw(cfg: DataConfig, root: Path):
     if cfg.source == EMBEDDED_DIAMONDS:
         return load_diamonds()
     path = root / cfg.source
-    table = load_local(path) if path.suffix.lower() in LOCAL_FORMATS or path.exists() else load_hub(cfg)
+    if path.is_dir():
+        table = load_hub(cfg, str(path))
+    elif path.suffix.lower() in LOCAL_FORMATS or path.exists():
+        table = load_local(path)
+    else:
+        table = load_hub(cfg, cfg.source)
     missing = [c for c in (cfg.text_column, cfg.price_column) if c not in table.columns]
     if missing:
         raise StageError(

@@ -4,7 +4,7 @@ Reads data/splits/{train,val}.jsonl, the tokenizer in models/base/, and params `
 completion, max_length, add_eos). Each example is the prompt (the template with the description)
 followed by the completion (the price, e.g. "99.00", then EOS); prompt tokens are labelled -100 so the
 loss covers the completion only. Descriptions too long for max_length are cut and counted.
-Stops with an error naming the split and line when an example would keep no label token.
+Stops with an error naming the split file and line when an example's completion does not fit.
 Writes data/tokenized/{train,val} (Hugging Face datasets, arrow), metrics/tokens.json,
 plots/token_lengths.csv and reports/token_lengths.png.
 
@@ -48,10 +48,10 @@ def encode_split(tokenizer, rows: list[dict], cfg: PromptConfig, where: str) -> 
             cfg.max_length,
             cfg.add_eos,
         )
-        if all(label == IGNORE_INDEX for label in encoded.labels):
+        if not encoded.completion_fits or all(label == IGNORE_INDEX for label in encoded.labels):
             raise StageError(
-                f"{where}:{line}: field 'text' leaves no completion token within prompt.max_length="
-                f"{cfg.max_length}; raise max_length or shorten the template"
+                f"{where}:{line}: field 'price' gives a completion that does not fit in prompt.max_length="
+                f"{cfg.max_length} tokens, so the example would not teach the whole price; raise max_length"
             )
         columns["input_ids"].append(encoded.input_ids)
         columns["labels"].append(encoded.labels)

@@ -41,6 +41,20 @@ def test_local_formats(project, suffix):
     assert result.sizes == {"train": 20, "val": 5, "test": 10}
 
 
+def test_dataset_folder_goes_through_datasets_load_dataset(project):
+    folder = project / "data" / "raw" / "hub-layout"
+    folder.mkdir()
+    pd.DataFrame(price_rows(50)).to_json(folder / "train.jsonl", orient="records", lines=True)
+    result, _ = run_with(project, source="data/raw/hub-layout", hub_split="train")
+    assert result.rows_in == 50 and result.sizes["test"] == 10
+
+
+def test_unknown_hub_dataset_fails_clearly(project, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(split_data.StageError, match="cannot be loaded"):
+        run_with(project, source="no-such-owner/no-such-dataset")
+
+
 def test_cleaning_counts_every_dropped_row(project):
     rows = [
         *price_rows(40),

@@ -46,7 +46,7 @@ def test_no_label_left_names_file_and_line(pipeline_project):
     from stages.core.modeling import load_tokenizer
 
     cfg = params_from_dict({"prompt": {"max_length": 3, "add_eos": False}}).prompt
-    with pytest.raises(tokenize_data.StageError, match=r"train.jsonl:1: field 'text'"):
+    with pytest.raises(tokenize_data.StageError, match=r"train.jsonl:1: field 'price'"):
         tokenize_data.encode_split(
             load_tokenizer(paths.base_model), read_jsonl(paths.split("train")), cfg, "train.jsonl"
         )

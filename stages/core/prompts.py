@@ -37,6 +37,7 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     truncated: bool
+    completion_fits: bool  # False when max_length cannot hold the whole completion
 
 
 def _prompt_budget(tokenizer, template: str, completion_ids: list[int], max_length: int) -> int:
@@ -50,8 +51,8 @@ def encode_example(tokenizer, template: str, text: str, completion: str, max_len
 
     A description too long for `max_length` is cut (by tokens) so that the template's ending
     ("Price is $") and the whole completion survive; `truncated` reports that it happened. If even the
-    template does not fit, its beginning is dropped; if the completion does not fit, labels run out and
-    the caller must reject the example.
+    template does not fit, its beginning is dropped; if the completion does not fit, `completion_fits`
+    is False and the caller must reject the example.
     """
     completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
     if add_eos and tokenizer.eos_token_id is not None:
@@ -67,7 +68,9 @@ def encode_example(tokenizer, template: str, text: str, completion: str, max_len
         prompt_ids = prompt_ids[max(len(prompt_ids) - room, 0) :] if room else []  # keep "Price is $"
     input_ids = (prompt_ids + completion_ids)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt_ids) + completion_ids)[:max_length]
-    return Encoded(input_ids=input_ids, labels=labels, truncated=truncated)
+    return Encoded(
+        input_ids=input_ids, labels=labels, truncated=truncated, completion_fits=len(completion_ids) <= max_length
+    )
 
 
 def truncate_prompt(tokenizer, template: str, text: str, max_prompt_tokens: int) -> str:
