@@ -20,6 +20,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 import argparse
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -46,7 +47,9 @@ def stage_environment() -> dict[str, str]:
 
 
 def stream_lines(stream, logger) -> None:
-    """Send complete lines to the Prefect log; progress-bar frames (ending in \\r) go to the terminal only."""
+    """Send complete lines to the Prefect log; show progress-bar frames (text ending in \\r) live on a
+    terminal, redrawn in place and cleared before the next log line, and never log them."""
+    live = sys.stderr.isatty()
     pending = ""
     for chunk in iter(lambda: stream.read1(4096), b""):
         pending += chunk.decode("utf-8", errors="replace")
@@ -54,12 +57,14 @@ def stream_lines(stream, logger) -> None:
         for line in lines:
             text = line.rsplit("\r", 1)[-1].rstrip()
             if text:
+                if live:
+                    sys.stderr.write("\r\033[K")
                 logger.info(text)
         if "\r" in pending:
-            frames = pending.rsplit("\r", 1)
-            sys.stderr.write("\r" + frames[0].rsplit("\r", 1)[-1][:160])
-            sys.stderr.flush()
-            pending = frames[1]
+            done, pending = pending.rsplit("\r", 1)
+            if live:
+                sys.stderr.write("\r\033[K" + done.rsplit("\r", 1)[-1][:150])
+                sys.stderr.flush()
     if pending.strip():
         logger.info(pending.strip())
 
@@ -80,11 +85,12 @@ def repro_stage(stage: str, project_dir: str) -> None:
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
-def record_in_mlflow(project_dir: str) -> str:
-    """Record this execution as one MLflow run; return the run id."""
+def record_in_mlflow(project_dir: str, stage_seconds: dict[str, float]) -> str:
+    """Record this execution as one MLflow run, with each stage's wall time; return the run id."""
     paths = Paths.at(project_dir)
     params = load_params(paths.params)
-    run_id = record_pipeline_run(paths, params, started_by="prefect")
+    timings = {f"stage_seconds.{stage}": seconds for stage, seconds in stage_seconds.items()}
+    run_id = record_pipeline_run(paths, params, started_by="prefect", extra_metrics=timings)
     get_run_logger().info("MLflow run %s in %s", run_id, tracking_uri(paths, params))
     return run_id
 
@@ -101,19 +107,26 @@ def retrain(project_dir: str = str(PROJECT_ROOT)) -> dict:
     """Reproduce every stage with DVC, record the run in MLflow, report; return metrics and run id."""
     paths = Paths.at(project_dir)
     params = load_params(paths.params)
+    stage_seconds = {}
     for stage in STAGES:
+        started = time.perf_counter()
         repro_stage.with_options(
             retries=params.flow.stage_retries, retry_delay_seconds=params.flow.retry_delay_seconds
         )(stage, str(paths.root))
-    run_id = record_in_mlflow(str(paths.root))
+        stage_seconds[stage] = round(time.perf_counter() - started, 1)
+    run_id = record_in_mlflow(str(paths.root), stage_seconds)
     metrics = read_json(paths.eval_metrics)
     create_markdown_artifact(
         report(metrics, run_id, tracking_uri(paths, params)),
         key="retrain-report",
         description="adapter vs base model vs mean price",
     )
-    print("\n" + comparison_table(metrics) + f"\n\nMLflow run {run_id}; `make mlflow-ui` to browse it.")
-    return {"run_id": run_id, "metrics": metrics}
+    timings = ", ".join(f"{stage} {seconds:.0f}s" for stage, seconds in stage_seconds.items())
+    print(
+        f"\n{comparison_table(metrics)}\n\nstage times (dvc repro, skips included): {timings}\n"
+        f"MLflow run {run_id}; `make mlflow-ui` to browse it."
+    )
+    return {"run_id": run_id, "metrics": metrics, "stage_seconds": stage_seconds}
 
 
 def main(argv: list[str] | None = None) -> int:

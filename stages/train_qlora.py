@@ -129,6 +129,7 @@ def loss_rows(log_history: list[dict]) -> list[dict]:
 
 
 def check_finite(rows: list[dict]) -> None:
+    """Stop with the step and learning rate when a logged loss is NaN or infinite."""
     for row in rows:
         for key in ("train_loss", "val_loss"):
             if row[key] is not None and not math.isfinite(row[key]):
@@ -161,11 +162,12 @@ def run(params: Params, paths: Paths) -> Result:
     )
     started = time.perf_counter()
     trainer.train()
-    final_eval = trainer.evaluate()
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started  # includes the periodic validation passes
+    evaluated = [e for e in trainer.state.log_history if "eval_loss" in e]
+    if not evaluated or evaluated[-1]["step"] != trainer.state.global_step:
+        trainer.evaluate()  # appends the final validation loss to log_history
     rows = loss_rows(trainer.state.log_history)
-    last = {"step": trainer.state.global_step, "train_loss": None, "val_loss": final_eval["eval_loss"]}
-    check_finite([*rows, {**last, "learning_rate": rows[-1]["learning_rate"] if rows else None}])
+    check_finite(rows)
     tokens = int(trainer.state.num_input_tokens_seen)
     with atomic_path(paths.adapter) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -176,7 +178,7 @@ def run(params: Params, paths: Paths) -> Result:
         "steps": trainer.state.global_step,
         "epochs": round(trainer.state.epoch or 0.0, 4),
         "train_loss": train_losses[-1] if train_losses else None,
-        "val_loss": final_eval["eval_loss"],
+        "val_loss": [r["val_loss"] for r in rows if r["val_loss"] is not None][-1],
         "tokens_seen": tokens,
         "train_seconds": round(seconds, 1),
         "tokens_per_second": round(tokens / seconds, 1),

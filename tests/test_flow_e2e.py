@@ -96,6 +96,7 @@ def test_mlflow_holds_the_run_with_metrics_artifacts_and_lineage(flow_project):
     evaluation = json.loads((root / "metrics" / "eval.json").read_text())
     assert data.metrics["eval.adapter.avg_error"] == pytest.approx(evaluation["adapter"]["avg_error"])
     assert "train.val_loss" in data.metrics and "data.rows_in" in data.metrics
+    assert data.metrics["stage_seconds.train_qlora"] > 0
     assert len(client.get_metric_history(mlflow_run.info.run_id, "train_loss")) >= 5
     assert data.params["lora.r"] == "4" and data.params["train.learning_rate"] == "0.003"
     head = run(["git", "rev-parse", "HEAD"], root, env).stdout.strip()

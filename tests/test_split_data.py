@@ -1,6 +1,9 @@
 """split_data: sources, cleaning counts, deduplication, frozen test set, clear errors, outputs kept."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -9,7 +12,7 @@ from stages import split_data
 from stages.core.config import params_from_dict
 from stages.core.io import read_jsonl
 from stages.core.paths import Paths
-from tests.conftest import price_rows
+from tests.conftest import REPO_ROOT, price_rows
 
 
 def run_with(project, **data):
@@ -49,10 +52,14 @@ def test_dataset_folder_goes_through_datasets_load_dataset(project):
     assert result.rows_in == 50 and result.sizes["test"] == 10
 
 
-def test_unknown_hub_dataset_fails_clearly(project, monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(split_data.StageError, match="cannot be loaded"):
-        run_with(project, source="no-such-owner/no-such-dataset")
+def test_unknown_hub_dataset_fails_clearly(project):
+    (project / "params.yaml").write_text("data:\n  source: no-such-owner/no-such-dataset\n", encoding="utf-8")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "stages.split_data"], cwd=project, env=env, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 1
+    assert "data.source='no-such-owner/no-such-dataset' (split 'train') cannot be loaded" in done.stderr
 
 
 def test_cleaning_counts_every_dropped_row(project):

@@ -1,6 +1,7 @@
 """tokenize_data: completion-only labels, truncation report, clear failure when no label survives."""
 
 import json
+import shutil
 
 import pytest
 
@@ -50,3 +51,14 @@ def test_no_label_left_names_file_and_line(pipeline_project):
         tokenize_data.encode_split(
             load_tokenizer(paths.base_model), read_jsonl(paths.split("train")), cfg, "train.jsonl"
         )
+
+
+def test_broken_jsonl_line_exits_1_naming_file_and_line(project, tiny_model_dir, capsys):
+    shutil.copytree(tiny_model_dir, project / "models" / "base")
+    splits = project / "data" / "splits"
+    splits.mkdir(parents=True)
+    (splits / "train.jsonl").write_text('{"text": "a lamp", "price": 1}\n{"text": broken\n', encoding="utf-8")
+    (splits / "val.jsonl").write_text('{"text": "a lamp", "price": 1}\n', encoding="utf-8")
+    assert tokenize_data.main([]) == 1
+    assert "train.jsonl:2: not valid JSON" in capsys.readouterr().err
+    assert not (project / "data" / "tokenized").exists()

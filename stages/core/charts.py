@@ -63,7 +63,17 @@ def price_scatter(truths: list[float], predictions: list[float], bands: list[str
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 7))
     colours = {GREEN: "tab:green", ORANGE: "tab:orange", RED: "tab:red"}
-    ax.scatter(truths, predictions, s=12, c=[colours[b] for b in bands], alpha=0.8)
+    labels = {GREEN: "hit: within $40 or 20%", ORANGE: "within $80 or 40%", RED: "further off"}
+    for name, colour in colours.items():
+        chosen = [i for i, b in enumerate(bands) if b == name]
+        ax.scatter(
+            [truths[i] for i in chosen],
+            [predictions[i] for i in chosen],
+            s=12,
+            c=colour,
+            alpha=0.8,
+            label=f"{labels[name]} ({len(chosen)})",
+        )
     top = max(max(truths), max(predictions), 1.0) * 1.05
     ax.plot([0, top], [0, top], color="tab:blue", linewidth=1, label="y = x")
     ax.set_xlim(0, top)

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 
 from stages.core.config import ConfigError, Params, load_params
+from stages.core.io import InputError
 from stages.core.paths import Paths
 
 
@@ -15,14 +16,18 @@ class StageError(RuntimeError):
 
 
 def run_stage(name: str, run: Callable[[Params, Paths], object], argv: list[str] | None = None) -> int:
-    """Run `run(params, paths)` from the current directory; print its result; return an exit code."""
+    """Run `run(params, paths)` from the current directory; print its result; return an exit code.
+
+    Expected failures (bad params, bad input, missing files) end in one line naming the problem and exit
+    code 1; anything else is a bug and keeps its traceback.
+    """
     del argv  # stages take no flags: every setting lives in params.yaml so DVC sees it
     started = time.perf_counter()
     paths = Paths.at(".")
     try:
         params = load_params(paths.params)
         result = run(params, paths)
-    except (ConfigError, StageError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, StageError, InputError, FileNotFoundError) as exc:
         print(f"[{name}] error: {exc}", file=sys.stderr)
         return 1
     print(f"[{name}] done in {time.perf_counter() - started:.1f}s: {result}")

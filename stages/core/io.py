@@ -55,8 +55,12 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+class InputError(ValueError):
+    """An input file is malformed; the message names the file and line."""
+
+
 def read_jsonl(path: Path) -> list[dict]:
-    """Read a JSONL file; a broken line raises ValueError naming the file and line number."""
+    """Read a JSONL file; a broken line raises InputError naming the file and line number."""
     rows = []
     with Path(path).open(encoding="utf-8") as fh:
         for number, line in enumerate(fh, start=1):
@@ -65,7 +69,7 @@ def read_jsonl(path: Path) -> list[dict]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+                raise InputError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
     return rows
 
 

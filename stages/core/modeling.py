@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from stages.core.config import QuantizationConfig
+from stages.core.config import ConfigError, QuantizationConfig
 
 
 def device() -> str:
@@ -22,7 +22,7 @@ def compute_dtype(name: str):
         return torch.bfloat16 if device() == "cuda" else torch.float32
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if name not in dtypes:
-        raise ValueError(f"quantization.compute_dtype: expected auto or one of {sorted(dtypes)}, got {name!r}")
+        raise ConfigError(f"quantization.compute_dtype: expected auto or one of {sorted(dtypes)}, got {name!r}")
     return dtypes[name]
 
 
@@ -49,7 +49,7 @@ def bnb_config(cfg: QuantizationConfig):
     from transformers import BitsAndBytesConfig
 
     if cfg.quant_type not in ("nf4", "fp4"):
-        raise ValueError(f"quantization.quant_type: expected nf4 or fp4, got {cfg.quant_type!r}")
+        raise ConfigError(f"quantization.quant_type: expected nf4 or fp4, got {cfg.quant_type!r}")
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=cfg.quant_type,

@@ -10,6 +10,8 @@ MLflow is imported only inside these functions, so stages run without it.
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -55,9 +57,6 @@ def git_tags(root: Path) -> dict[str, str]:
 
 def dvc_lock_tags(root: Path) -> dict[str, str]:
     """Lineage from dvc.lock: the md5 of every stage output and a digest of each stage's params."""
-    import hashlib
-    import json
-
     lock_path = root / "dvc.lock"
     if not lock_path.is_file():
         return {}
@@ -104,9 +103,10 @@ def experiment_id(client, paths: Paths, name: str) -> str:
     return client.create_experiment(name, artifact_location=paths.mlflow_artifacts.as_uri())
 
 
-def record_pipeline_run(paths: Paths, params: Params, started_by: str, run_name: str | None = None) -> str:
-    """Log this pipeline execution as one MLflow run and return its run id."""
-    import mlflow
+def record_pipeline_run(
+    paths: Paths, params: Params, started_by: str, run_name: str | None = None, extra_metrics: dict | None = None
+) -> str:
+    """Log this pipeline execution as one MLflow run (plus `extra_metrics`, e.g. stage times); return its id."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri(paths, params))
@@ -124,6 +124,8 @@ def record_pipeline_run(paths: Paths, params: Params, started_by: str, run_name:
             if path.is_file():
                 for key, value in numeric_leaves(read_json(path), f"{path.stem}.").items():
                     client.log_metric(run_id, key, value)
+        for key, value in (extra_metrics or {}).items():
+            client.log_metric(run_id, key, value)
         log_step_metrics(client, run_id, loss_history(paths.loss_plot))
         client.log_artifact(run_id, str(paths.params))
         for folder, destination in ((paths.adapter, "adapter"), (paths.root / "reports", "plots")):
@@ -136,5 +138,4 @@ def record_pipeline_run(paths: Paths, params: Params, started_by: str, run_name:
         client.set_terminated(run_id, status="FAILED")
         raise
     client.set_terminated(run_id, status="FINISHED")
-    del mlflow
     return run_id
