@@ -121,8 +121,13 @@ numbers are guesses. It was trained for {training.get("steps")} steps and is a p
 """
 
 
-def push(folder: Path, repo_id: str | None, private: bool) -> str:
-    """Upload `folder` to the Hub repo `repo_id` with the token in HF_TOKEN; checks happen before any upload."""
+def push(folder: Path, repo_id: str | None, private: bool, create_pr: bool = False) -> str:
+    """Upload `folder` to the Hub repo `repo_id` with the token in HF_TOKEN; return where it went.
+
+    Everything that can fail early (no repo id, no token, Hub unreachable, token refused) fails before
+    any file is sent. HF_ENDPOINT, read at call time, points at another Hub (or a local stand-in).
+    With `create_pr` the files go to a pull request instead of the main branch.
+    """
     token = os.environ.get("HF_TOKEN")
     if not repo_id:
         raise StageError("export.push is true but export.repo_id is empty; set it to owner/name")
@@ -130,13 +135,21 @@ def push(folder: Path, repo_id: str | None, private: bool) -> str:
         raise StageError("export.push is true but HF_TOKEN is not set in the environment; nothing was uploaded")
     from huggingface_hub import HfApi
 
-    api = HfApi(token=token)
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
+    try:
+        user = api.whoami()["name"]
+    except Exception as exc:  # unreachable Hub or refused token; the message never carries the token
+        raise StageError(
+            f"cannot reach the Hub or the token was refused ({exc.__class__.__name__}); nothing was uploaded"
+        ) from exc
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
-        api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Upload QLoRA adapter")
+        commit = api.upload_folder(
+            folder_path=str(folder), repo_id=repo_id, create_pr=create_pr, commit_message="Upload QLoRA adapter"
+        )
     except Exception as exc:  # network and permission errors; never echo the token
-        raise StageError(f"upload to {repo_id} failed: {exc.__class__.__name__}: {exc}") from exc
-    return repo_id
+        raise StageError(f"upload to {repo_id} as {user} failed: {exc.__class__.__name__}: {exc}") from exc
+    return getattr(commit, "pr_url", None) or repo_id
 
 
 def run(params: Params, paths: Paths) -> Result:
@@ -154,7 +167,8 @@ def run(params: Params, paths: Paths) -> Result:
                 shutil.copy2(source, tmp / chart)
         card = model_card(params, hub_id, evaluation, data, training)
         (tmp / "README.md").write_text(card, encoding="utf-8")
-    pushed = push(paths.export, params.export.repo_id, params.export.private) if params.export.push else None
+    cfg = params.export
+    pushed = push(paths.export, cfg.repo_id, cfg.private, cfg.create_pr) if cfg.push else None
     print(f"exported to {paths.export}" + (f" and pushed to {pushed}" if pushed else " (export.push is off)"))
     return Result(folder=str(paths.export), pushed_to=pushed)
 

@@ -98,6 +98,7 @@ class ExportConfig:
     push: bool = False
     repo_id: str | None = None
     private: bool = True
+    create_pr: bool = False
 
 
 @dataclass(frozen=True)
