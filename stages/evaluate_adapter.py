@@ -4,27 +4,32 @@ Reads models/base/, models/adapter/, data/splits/{train,test}.jsonl and params `
 `quantization` and `evaluate`. The base is loaded in 4 bits with the adapter on top; prices are
 generated greedily in batches (left padding) and the first number of each output is parsed. The same
 prompts go through the base model with the adapter switched off (zero-shot), and a constant
-prediction of the mean training price is scored too. Outputs without a number are counted as
-`unparsed` and scored as $0, never dropped.
-Writes metrics/eval.json (average absolute error, RMSLE, hit rate, band shares, MSE, R², unparsed,
-for each of the three), eval/predictions.jsonl, plots/predictions.csv and reports/scatter.png.
+prediction of the mean training price is scored too. Generation of a batch stops once every row has
+a complete number. Outputs without a number are counted as `unparsed` and scored as $0, never dropped.
+With `evaluate.show_items` each item gets a line, coloured by band on a terminal, as in the course.
+Writes metrics/eval.json (average absolute error with a bootstrap 95% interval, RMSLE, hit rate, band
+shares, MSE, R², unparsed, for each of the three; adapter items per second), eval/predictions.jsonl,
+plots/predictions.csv and reports/scatter.png.
 
 Run: `python -m stages.evaluate_adapter` (or `dvc repro evaluate_adapter`).
 """
 
 from __future__ import annotations
 
+import math
+import sys
 import time
 from dataclasses import dataclass
 
 from stages.core.charts import price_scatter
 from stages.core.cli import StageError, run_stage
-from stages.core.config import EvaluateConfig, Params, PromptConfig
+from stages.core.config import Params
+from stages.core.generation import build_prompts, generate
 from stages.core.io import read_jsonl, write_csv, write_json, write_jsonl
-from stages.core.metrics import band, price_metrics
+from stages.core.metrics import GREEN, ORANGE, band, price_metrics
 from stages.core.modeling import load_base, load_tokenizer, set_threads
 from stages.core.paths import Paths
-from stages.core.prompts import parse_price, truncate_prompt
+from stages.core.prompts import parse_price
 from stages.core.report import comparison_table
 
 
@@ -46,29 +51,6 @@ def load_adapter_model(paths: Paths, params: Params):
     return model
 
 
-def generate(model, tokenizer, prompts: list[str], cfg: EvaluateConfig, desc: str) -> list[str]:
-    """Greedy completions of `prompts`, in batches of cfg.batch_size, with left padding."""
-    import torch
-    from tqdm.auto import tqdm
-
-    tokenizer.padding_side = "left"
-    outputs: list[str] = []
-    for start in tqdm(range(0, len(prompts), cfg.batch_size), desc=desc, unit="batch"):
-        batch = tokenizer(prompts[start : start + cfg.batch_size], return_tensors="pt", padding=True)
-        batch = batch.to(model.device)
-        with torch.inference_mode():
-            generated = model.generate(
-                **batch, max_new_tokens=cfg.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-            )
-        new_tokens = generated[:, batch["input_ids"].shape[1] :]
-        outputs += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-    return outputs
-
-
-def build_prompts(tokenizer, rows: list[dict], cfg: PromptConfig, max_new_tokens: int) -> list[str]:
-    return [truncate_prompt(tokenizer, cfg.template, r["text"], cfg.max_length - max_new_tokens) for r in rows]
-
-
 def predict_all(paths: Paths, params: Params, rows: list[dict]) -> tuple[list[str], list[str], float]:
     """Adapter and zero-shot base outputs for `rows` (one model load), and adapter items per second."""
     tokenizer = load_tokenizer(paths.base_model)
@@ -82,56 +64,70 @@ def predict_all(paths: Paths, params: Params, rows: list[dict]) -> tuple[list[st
     return adapter_outputs, base_outputs, items_per_second
 
 
+def prediction_rows(test: list[dict], adapter_out: list[str], base_out: list[str]) -> list[dict]:
+    """One row per test item: text, truth, raw outputs, parsed predictions and the adapter's band."""
+    rows = []
+    for item, adapter_text, base_text in zip(test, adapter_out, base_out, strict=True):
+        guess = parse_price(adapter_text)
+        rows.append({
+            "text": item["text"], "truth": item["price"],
+            "adapter_output": adapter_text, "adapter_prediction": guess, "band": band(item["price"], guess or 0.0),
+            "base_output": base_text, "base_prediction": parse_price(base_text),
+        })  # fmt: skip
+    return rows
+
+
+COLOURS = {GREEN: "\033[92m", ORANGE: "\033[93m"}  # anything else is red
+RED_COLOUR, RESET = "\033[91m", "\033[0m"
+
+
+def item_lines(rows: list[dict], colour: bool) -> list[str]:
+    """The course tester's line per item: guess, truth, error, squared log error, start of the text."""
+    lines = []
+    for number, row in enumerate(rows, start=1):
+        guess = row["adapter_prediction"] or 0.0
+        sle = (math.log1p(max(guess, 0.0)) - math.log1p(row["truth"])) ** 2
+        text = row["text"].replace("\n", " ")[:40]
+        line = (
+            f"{number}: guess ${guess:,.2f}  truth ${row['truth']:,.2f}  error ${abs(guess - row['truth']):,.2f}  "
+            f"SLE {sle:.2f}  {text}"
+        )
+        if row["adapter_prediction"] is None:
+            line += f"  (unparsed: {row['adapter_output']!r})"
+        lines.append(f"{COLOURS.get(row['band'], RED_COLOUR)}{line}{RESET}" if colour else line)
+    return lines
+
+
 def run(params: Params, paths: Paths) -> Result:
     """Score adapter, zero-shot base and mean price on the test split; write metrics, predictions, chart."""
     set_threads(0)
-    test = read_jsonl(paths.split("test"))
-    train = read_jsonl(paths.split("train"))
+    test, train = read_jsonl(paths.split("test")), read_jsonl(paths.split("train"))
     if not test or not train:
         raise StageError(f"{paths.splits}: empty train or test split; run split_data first")
-    truths = [r["price"] for r in test]
     adapter_out, base_out, items_per_second = predict_all(paths, params, test)
-    adapter_pred = [parse_price(o) for o in adapter_out]
-    base_pred = [parse_price(o) for o in base_out]
+    rows = prediction_rows(test, adapter_out, base_out)
+    truths = [r["truth"] for r in rows]
     mean_price = sum(r["price"] for r in train) / len(train)
+    samples = params.evaluate.bootstrap_samples
     metrics = {
-        "adapter": price_metrics(truths, adapter_pred),
-        "base_zero_shot": price_metrics(truths, base_pred),
-        "mean_baseline": price_metrics(truths, [mean_price] * len(truths)),
+        "adapter": price_metrics(truths, [r["adapter_prediction"] for r in rows], samples),
+        "base_zero_shot": price_metrics(truths, [r["base_prediction"] for r in rows], samples),
+        "mean_baseline": price_metrics(truths, [mean_price] * len(truths), samples),
         "items_per_second": round(items_per_second, 3),
     }
     write_json(paths.eval_metrics, metrics)
-    shown = [p or 0.0 for p in adapter_pred]
-    bands = [band(t, p) for t, p in zip(truths, shown, strict=True)]
-    write_jsonl(
-        paths.predictions,
-        [
-            {
-                "text": r["text"],
-                "truth": t,
-                "adapter_output": ao,
-                "adapter_prediction": ap,
-                "band": b,
-                "base_output": bo,
-                "base_prediction": bp,
-            }
-            for r, t, ao, ap, b, bo, bp in zip(
-                test, truths, adapter_out, adapter_pred, bands, base_out, base_pred, strict=True
-            )
-        ],
-    )
+    write_jsonl(paths.predictions, rows)
+    shown = [r["adapter_prediction"] or 0.0 for r in rows]
+    bands = [r["band"] for r in rows]
     write_csv(
         paths.predictions_plot,
         [{"truth": t, "prediction": p, "band": b} for t, p, b in zip(truths, shown, bands, strict=True)],
     )
     a = metrics["adapter"]
-    price_scatter(
-        truths,
-        shown,
-        bands,
-        f"Adapter: error ${a['avg_error']:,.0f}, RMSLE {a['rmsle']:.2f}, hits {a['hit_rate']:.1%}",
-        paths.scatter_chart,
-    )
+    title = f"Adapter: error ${a['avg_error']:,.0f}, RMSLE {a['rmsle']:.2f}, hits {a['hit_rate']:.1%}"
+    price_scatter(truths, shown, bands, title, paths.scatter_chart)
+    if params.evaluate.show_items:
+        print("\n".join(item_lines(rows, colour=sys.stdout.isatty())))
     print(comparison_table(metrics))
     return Result(adapter=a, base_zero_shot=metrics["base_zero_shot"], mean_baseline=metrics["mean_baseline"])
 

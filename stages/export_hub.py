@@ -1,12 +1,14 @@
 """Stage `export_hub`: package the adapter for the Hugging Face Hub, and push it only when asked.
 
-Reads models/adapter/, models/base/source.json (the base's Hub id), metrics/{eval,data,train}.json, reports/*.png and
-params `base_model`, `lora`, `train`, `prompt` and `export`.
+Reads models/adapter/, models/base/ (its source.json gives the base's Hub id), data/splits/test.jsonl,
+metrics/{eval,data,train}.json, reports/*.png and params `base_model`, `data.source`, `prompt`,
+`quantization`, `lora`, `train`, `evaluate` and `export`.
 Writes export/: the adapter (adapter_config.json names the base by its Hub id, not a local path), the
-tokenizer, the charts and a model card (README.md with Hub metadata, how to load it, the metrics
-table, data hashes and hyperparameters). With `export.push: true` and HF_TOKEN in the environment the
-folder is uploaded to `export.repo_id` (private by default); the token is read from the environment
-only and is never written anywhere.
+tokenizer, the charts, a model card (README.md with Hub metadata, how to load it, the metrics table, data
+hashes and hyperparameters) and, with `export.merge`, the adapter merged into the unquantized base in
+export/merged/ after checking it against the unmerged model on a few test items. With `export.push: true`
+and HF_TOKEN in the environment the folder is uploaded to `export.repo_id` (private by default, or as a
+pull request); the token is read from the environment only and is never written anywhere.
 
 Run: `python -m stages.export_hub` (or `dvc repro export_hub`).
 """
@@ -21,8 +23,11 @@ from pathlib import Path
 
 from stages.core.cli import StageError, run_stage
 from stages.core.config import Params
-from stages.core.io import atomic_path, read_json
+from stages.core.generation import build_prompts, generate
+from stages.core.io import atomic_path, read_json, read_jsonl
+from stages.core.modeling import compute_dtype, device, load_tokenizer
 from stages.core.paths import Paths
+from stages.core.prompts import parse_price
 from stages.core.report import comparison_markdown
 
 CHARTS = ("scatter.png", "loss_curve.png")
@@ -43,7 +48,86 @@ def copy_adapter(adapter: Path, out: Path, hub_id: str) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def model_card(params: Params, hub_id: str, evaluation: dict, data: dict, training: dict) -> str:
+def last_token_logits(model, tokenizer, prompts: list[str]):
+    import torch
+
+    tokenizer.padding_side = "left"
+    batch = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
+    with torch.inference_mode():
+        return model(**batch).logits[:, -1, :].float()
+
+
+def relative_gap(a: float | None, b: float | None) -> float:
+    """|a - b| relative to b; infinite when only one of them parsed."""
+    if a is None or b is None:
+        return 0.0 if a is b else float("inf")
+    return abs(a - b) / max(abs(b), 1.0)
+
+
+def export_merged(paths: Paths, params: Params, out: Path) -> dict:
+    """Merge the adapter into the base reloaded unquantized (fp32 on CPU, bf16 on CUDA), check that merged
+    and unmerged models agree on `export.merge_check_items` test prompts, then save it in `out`.
+
+    Merging into the 4-bit base would keep its rounding error and stay quantized, hence the reload. Raises
+    StageError with the numbers, before anything is saved, when a price differs beyond merge_tolerance.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = params.export
+    base = AutoModelForCausalLM.from_pretrained(
+        paths.base_model, dtype=compute_dtype(params.quantization.compute_dtype), device_map={"": device()}
+    )
+    model = PeftModel.from_pretrained(base, paths.adapter).eval()
+    tokenizer = load_tokenizer(paths.base_model)
+    test = read_jsonl(paths.split("test"))[: cfg.merge_check_items]
+    prompts = build_prompts(tokenizer, test, params.prompt, params.evaluate.max_new_tokens)
+    unmerged = [parse_price(o) for o in generate(model, tokenizer, prompts, params.evaluate, "unmerged check")]
+    unmerged_logits = last_token_logits(model, tokenizer, prompts)
+    merged_model = model.merge_and_unload()
+    merged = [parse_price(o) for o in generate(merged_model, tokenizer, prompts, params.evaluate, "merged check")]
+    check = {
+        "items": len(prompts),
+        "identical_predictions": sum(a == b for a, b in zip(merged, unmerged, strict=True)),
+        "max_relative_price_difference": max(relative_gap(a, b) for a, b in zip(merged, unmerged, strict=True)),
+        "max_logit_difference": float(
+            (last_token_logits(merged_model, tokenizer, prompts) - unmerged_logits).abs().max()
+        ),
+        "merged_predictions": merged,
+        "unmerged_predictions": unmerged,
+    }
+    if check["max_relative_price_difference"] > cfg.merge_tolerance:
+        raise StageError(
+            f"merged and unmerged models disagree: prices {merged} vs {unmerged} on the first {len(prompts)} test "
+            f"items (largest relative gap {check['max_relative_price_difference']:.4f} > export.merge_tolerance="
+            f"{cfg.merge_tolerance}; largest logit gap {check['max_logit_difference']:.2e}); nothing was exported"
+        )
+    merged_model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return check
+
+
+def merged_section(name: str, check: dict | None) -> str:
+    """The card's paragraph on the merged model, with the agreement measured before export."""
+    if check is None:
+        return ""
+    return f"""
+The adapter merged into the unquantized base is in `merged/` and loads without PEFT:
+
+```python
+from transformers import AutoModelForCausalLM
+
+model = AutoModelForCausalLM.from_pretrained("{name}", subfolder="merged")
+```
+
+Before export, merged and unmerged models predicted the same price on {check["identical_predictions"]} of
+{check["items"]} test items (largest next-token logit difference {check["max_logit_difference"]:.2e}).
+"""
+
+
+def model_card(
+    params: Params, hub_id: str, evaluation: dict, data: dict, training: dict, merge_check: dict | None = None
+) -> str:
     """The README.md of the exported folder: Hub metadata, usage, metrics, lineage, hyperparameters, limits."""
     lora, train, repo_id = params.lora, params.train, params.export.repo_id
     name = repo_id or "path/to/export"
@@ -80,7 +164,7 @@ from transformers import AutoTokenizer
 model = AutoPeftModelForCausalLM.from_pretrained("{name}")
 tokenizer = AutoTokenizer.from_pretrained("{name}")
 ```
-
+{merged_section(name, merge_check)}
 ## Evaluation on the held-out test set ({evaluation["adapter"]["n"]} items)
 
 {comparison_markdown(evaluation)}
@@ -165,7 +249,14 @@ def run(params: Params, paths: Paths) -> Result:
             source = paths.root / "reports" / chart
             if source.is_file():
                 shutil.copy2(source, tmp / chart)
-        card = model_card(params, hub_id, evaluation, data, training)
+        merge_check = export_merged(paths, params, tmp / "merged") if params.export.merge else None
+        if merge_check:
+            (tmp / "merge_check.json").write_text(json.dumps(merge_check, indent=2) + "\n", encoding="utf-8")
+            print(
+                f"merged model: {merge_check['identical_predictions']}/{merge_check['items']} identical "
+                f"predictions, max logit difference {merge_check['max_logit_difference']:.2e}"
+            )
+        card = model_card(params, hub_id, evaluation, data, training, merge_check)
         (tmp / "README.md").write_text(card, encoding="utf-8")
     cfg = params.export
     pushed = push(paths.export, cfg.repo_id, cfg.private, cfg.create_pr) if cfg.push else None

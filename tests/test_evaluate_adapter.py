@@ -17,14 +17,17 @@ def test_three_rows_scored_on_the_same_test_set(pipeline_project):
 
 
 def test_predictions_account_for_every_item_including_unparsed(pipeline_project):
-    paths, _, _ = pipeline_project
+    paths, params, _ = pipeline_project
     rows = read_jsonl(paths.predictions)
     test = read_jsonl(paths.split("test"))
     assert [r["text"] for r in rows] == [r["text"] for r in test]
     metrics = json.loads(paths.eval_metrics.read_text())
     assert metrics["adapter"]["unparsed"] == sum(r["adapter_prediction"] is None for r in rows)
-    recomputed = price_metrics([r["truth"] for r in rows], [r["adapter_prediction"] for r in rows])
+    samples = params.evaluate.bootstrap_samples
+    recomputed = price_metrics([r["truth"] for r in rows], [r["adapter_prediction"] for r in rows], samples)
     assert recomputed == metrics["adapter"]
+    assert metrics["adapter"]["avg_error_ci_low"] <= metrics["adapter"]["avg_error"]
+    assert metrics["adapter"]["avg_error"] <= metrics["adapter"]["avg_error_ci_high"]
 
 
 def test_mean_baseline_uses_the_training_mean(pipeline_project):
@@ -32,7 +35,7 @@ def test_mean_baseline_uses_the_training_mean(pipeline_project):
     train = read_jsonl(paths.split("train"))
     mean = sum(r["price"] for r in train) / len(train)
     truths = [r["price"] for r in read_jsonl(paths.split("test"))]
-    expected = price_metrics(truths, [mean] * len(truths))
+    expected = price_metrics(truths, [mean] * len(truths), 1000)
     assert json.loads(paths.eval_metrics.read_text())["mean_baseline"] == expected
 
 
@@ -41,3 +44,18 @@ def test_chart_and_dvc_plot_are_written(pipeline_project):
     assert paths.scatter_chart.read_bytes()[:4] == b"\x89PNG"
     header = paths.predictions_plot.read_text().splitlines()[0]
     assert header == "truth,prediction,band"
+
+
+def test_item_lines_follow_the_course_tester(pipeline_project):
+    from stages.evaluate_adapter import item_lines
+
+    rows = [
+        {"text": "A red lamp", "truth": 100.0, "adapter_output": "110.00", "adapter_prediction": 110.0,
+         "band": "green"},
+        {"text": "A kettle", "truth": 100.0, "adapter_output": "n/a", "adapter_prediction": None, "band": "red"},
+    ]  # fmt: skip
+    plain = item_lines(rows, colour=False)
+    assert plain[0].startswith("1: guess $110.00  truth $100.00  error $10.00")
+    assert "unparsed: 'n/a'" in plain[1]
+    coloured = item_lines(rows, colour=True)
+    assert coloured[0].startswith("\033[92m") and coloured[1].startswith("\033[91m")

@@ -45,9 +45,9 @@ def test_model_card_has_metadata_metrics_and_lineage(exported):
 def test_exported_adapter_reproduces_evaluation_predictions(exported):
     from peft import PeftModel
 
+    from stages.core.generation import build_prompts, generate
     from stages.core.modeling import load_base, load_tokenizer
     from stages.core.prompts import parse_price
-    from stages.evaluate_adapter import build_prompts, generate
 
     paths, params = exported
     test = read_jsonl(paths.split("test"))
@@ -75,3 +75,54 @@ def test_push_without_token_fails_before_upload(exported, monkeypatch):
 
 def test_push_is_off_by_default():
     assert params_from_dict({}).export.push is False
+
+
+def test_merged_export_loads_without_peft_and_agrees_with_the_adapter(pipeline_project, tmp_path):
+    import dataclasses
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from stages.core.generation import build_prompts, generate
+    from stages.core.modeling import load_tokenizer
+    from stages.core.paths import Paths
+
+    paths, params, _ = pipeline_project
+    copy = Paths.at(tmp_path)
+    for folder in ("models", "data", "metrics", "reports"):
+        shutil.copytree(paths.root / folder, tmp_path / folder)
+    merged_params = dataclasses.replace(params, export=dataclasses.replace(params.export, merge=True))
+    export_hub.run(merged_params, copy)
+
+    check = json.loads((copy.export / "merge_check.json").read_text())
+    assert check["identical_predictions"] == check["items"] == params.export.merge_check_items
+    assert check["max_logit_difference"] < 1e-3
+    model = AutoModelForCausalLM.from_pretrained(copy.export / "merged", dtype=torch.float32)
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    tokenizer = load_tokenizer(copy.export / "merged")
+    test = read_jsonl(copy.split("test"))[: check["items"]]
+    prompts = build_prompts(tokenizer, test, params.prompt, params.evaluate.max_new_tokens)
+    from stages.core.prompts import parse_price
+
+    predictions = [parse_price(o) for o in generate(model, tokenizer, prompts, params.evaluate, "merged")]
+    assert predictions == check["merged_predictions"] == check["unmerged_predictions"]
+    assert 'subfolder="merged"' in (copy.export / "README.md").read_text()
+
+
+def test_disagreeing_merge_fails_before_anything_is_written(pipeline_project, tmp_path):
+    import dataclasses
+    import shutil
+
+    from stages.core.paths import Paths
+
+    paths, params, _ = pipeline_project
+    copy = Paths.at(tmp_path)
+    for folder in ("models", "data", "metrics", "reports"):
+        shutil.copytree(paths.root / folder, tmp_path / folder)
+    # A negative tolerance makes even identical predictions "disagree": the failure path, without mocks.
+    strict = dataclasses.replace(params.export, merge=True, merge_tolerance=-1.0)
+    merged_params = dataclasses.replace(params, export=strict)
+    with pytest.raises(export_hub.StageError, match="disagree"):
+        export_hub.run(merged_params, copy)
+    assert not copy.export.exists()

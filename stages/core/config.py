@@ -91,6 +91,8 @@ class TrainConfig:
 class EvaluateConfig:
     batch_size: int = 16
     max_new_tokens: int = 8
+    show_items: bool = True  # one line per test item, coloured by band on a terminal
+    bootstrap_samples: int = 1000  # resamples for the 95% interval of the average error (0: none)
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,9 @@ class ExportConfig:
     repo_id: str | None = None
     private: bool = True
     create_pr: bool = False
+    merge: bool = False  # also export the adapter merged into the unquantized base
+    merge_check_items: int = 8  # test items predicted by both merged and unmerged models before export
+    merge_tolerance: float = 0.01  # largest relative price difference allowed between the two
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,22 @@ def band(truth: float, prediction: float) -> str:
     return RED
 
 
-def price_metrics(truths: Sequence[float], predictions: Sequence[float | None]) -> dict[str, float]:
-    """Average absolute error, RMSLE, hit rate, band shares, MSE, R² and the unparsed count.
+def bootstrap_interval(values: Sequence[float], samples: int, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the mean of `values` (seeded, so reruns agree)."""
+    import numpy as np
+
+    data = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = data[rng.integers(0, len(data), size=(samples, len(data)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def price_metrics(
+    truths: Sequence[float], predictions: Sequence[float | None], bootstrap_samples: int = 0
+) -> dict[str, float]:
+    """Average absolute error (with a bootstrap 95% interval when `bootstrap_samples` > 0), RMSLE,
+    hit rate, band shares, MSE, R² and the unparsed count.
 
     `predictions` may hold None for outputs that had no number; they are scored as 0.
     """
@@ -39,6 +53,10 @@ def price_metrics(truths: Sequence[float], predictions: Sequence[float | None]) 
     mean_truth = sum(truths) / n
     total_ss = sum((t - mean_truth) ** 2 for t in truths)
     mse = sum(e * e for e in errors) / n
+    interval = {}
+    if bootstrap_samples > 0:
+        low, high = bootstrap_interval(errors, bootstrap_samples)
+        interval = {"avg_error_ci_low": low, "avg_error_ci_high": high}
     return {
         "n": n,
         "avg_error": sum(errors) / n,
@@ -49,4 +67,5 @@ def price_metrics(truths: Sequence[float], predictions: Sequence[float | None]) 
         "mse": mse,
         "r2": 1.0 - (mse * n) / total_ss if total_ss > 0 else 0.0,
         "unparsed": sum(p is None for p in predictions),
+        **interval,
     }
