@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # Stage commands in dvc.yaml call `python`: make it this environment's.
 RUN := env PATH="$(BIN):$$PATH" PREFECT_SERVER_ANALYTICS_ENABLED=false
 
-.PHONY: venv demo test lint format repro mlflow-ui clean
+.PHONY: venv demo test lint format repro mlflow-ui bench-eval clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ format: venv
 
 repro: venv
 	$(RUN) $(BIN)/dvc repro
+
+bench-eval: venv
+	$(RUN) $(BIN)/python -m bench.eval_throughput
 
 mlflow-ui: venv
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --host 127.0.0.1 --port 5000

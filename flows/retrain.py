@@ -3,7 +3,8 @@
 Each stage is one Prefect task that runs `dvc repro <stage>` (serially, so DVC's repo lock is never
 contended and dvc.lock stays the truth; DVC skips what is up to date), streaming its output to the
 Prefect log. Then the execution is recorded in MLflow (params, metrics, loss curve, adapter, charts,
-lineage tags), a Markdown report is attached to the flow run, and the comparison table is printed.
+lineage tags), a Markdown report is attached to the flow run, and the comparison table is printed,
+with a row for the MLflow registry's `champion` when it was scored on the same test set.
 Prefect owns retries and logs only; DVC owns caching, so task results are never cached.
 
 Run: `python -m flows.retrain` (Prefect starts a temporary local server when PREFECT_API_URL is unset).
@@ -31,7 +32,7 @@ from stages.core.config import load_params
 from stages.core.io import read_json
 from stages.core.paths import Paths
 from stages.core.report import comparison_markdown, comparison_table
-from stages.core.tracking import record_pipeline_run, tracking_uri
+from stages.core.tracking import champion_metrics, record_pipeline_run, tracking_uri
 
 STAGES = ("base_model", "split_data", "tokenize_data", "train_qlora", "evaluate_adapter", "export_hub")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -116,6 +117,9 @@ def retrain(project_dir: str = str(PROJECT_ROOT)) -> dict:
         stage_seconds[stage] = round(time.perf_counter() - started, 1)
     run_id = record_in_mlflow(str(paths.root), stage_seconds)
     metrics = read_json(paths.eval_metrics)
+    champion = champion_metrics(paths, params)  # the registry's champion, if scored on this test set
+    if champion:
+        metrics["champion"] = champion
     create_markdown_artifact(
         report(metrics, run_id, tracking_uri(paths, params)),
         key="retrain-report",

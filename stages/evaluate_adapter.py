@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from stages.core.charts import price_scatter
 from stages.core.cli import StageError, run_stage
 from stages.core.config import Params
-from stages.core.generation import build_prompts, generate
+from stages.core.generation import build_prompts, generate, single_token_share, topk_estimates
 from stages.core.io import read_jsonl, write_csv, write_json, write_jsonl
 from stages.core.metrics import GREEN, ORANGE, band, price_metrics
 from stages.core.modeling import load_base, load_tokenizer, set_threads
@@ -51,17 +51,46 @@ def load_adapter_model(paths: Paths, params: Params):
     return model
 
 
-def predict_all(paths: Paths, params: Params, rows: list[dict]) -> tuple[list[str], list[str], float]:
-    """Adapter and zero-shot base outputs for `rows` (one model load), and adapter items per second."""
+MIN_SINGLE_TOKEN_SHARE = 0.95  # the top-k estimate needs nearly every price to be one token
+
+
+@dataclass
+class Predictions:
+    adapter: list[str]
+    base: list[str]
+    items_per_second: float
+    topk: list[float | None] | None = None  # the top-k estimate, when asked for and applicable
+    topk_items_per_second: float | None = None
+
+
+def topk_applies(tokenizer, rows: list[dict]) -> bool:
+    share = single_token_share(tokenizer, [r["price"] for r in rows])
+    if share < MIN_SINGLE_TOKEN_SHARE:
+        print(
+            f"evaluate.topk_estimate skipped: this tokenizer writes only {share:.0%} of the test prices as one "
+            f"token (needs {MIN_SINGLE_TOKEN_SHARE:.0%}); the estimate would only see the first digit"
+        )
+        return False
+    return True
+
+
+def predict_all(paths: Paths, params: Params, rows: list[dict]) -> Predictions:
+    """Adapter and zero-shot base outputs for `rows` (one model load), adapter items per second, and the
+    top-k estimate when params ask for it and the tokenizer allows it."""
+    cfg = params.evaluate
     tokenizer = load_tokenizer(paths.base_model)
     model = load_adapter_model(paths, params)
-    prompts = build_prompts(tokenizer, rows, params.prompt, params.evaluate.max_new_tokens)
+    prompts = build_prompts(tokenizer, rows, params.prompt, cfg.max_new_tokens)
     started = time.perf_counter()
-    adapter_outputs = generate(model, tokenizer, prompts, params.evaluate, "adapter")
-    items_per_second = len(rows) / (time.perf_counter() - started)
+    adapter_outputs = generate(model, tokenizer, prompts, cfg, "adapter")
+    result = Predictions(adapter_outputs, [], len(rows) / (time.perf_counter() - started))
+    if cfg.topk_estimate and topk_applies(tokenizer, rows):
+        started = time.perf_counter()
+        result.topk = topk_estimates(model, tokenizer, prompts, cfg.topk, cfg.batch_size)
+        result.topk_items_per_second = len(rows) / (time.perf_counter() - started)
     with model.disable_adapter():
-        base_outputs = generate(model, tokenizer, prompts, params.evaluate, "base zero-shot")
-    return adapter_outputs, base_outputs, items_per_second
+        result.base = generate(model, tokenizer, prompts, cfg, "base zero-shot")
+    return result
 
 
 def prediction_rows(test: list[dict], adapter_out: list[str], base_out: list[str]) -> list[dict]:
@@ -104,8 +133,8 @@ def run(params: Params, paths: Paths) -> Result:
     test, train = read_jsonl(paths.split("test")), read_jsonl(paths.split("train"))
     if not test or not train:
         raise StageError(f"{paths.splits}: empty train or test split; run split_data first")
-    adapter_out, base_out, items_per_second = predict_all(paths, params, test)
-    rows = prediction_rows(test, adapter_out, base_out)
+    predicted = predict_all(paths, params, test)
+    rows = prediction_rows(test, predicted.adapter, predicted.base)
     truths = [r["truth"] for r in rows]
     mean_price = sum(r["price"] for r in train) / len(train)
     samples = params.evaluate.bootstrap_samples
@@ -113,8 +142,11 @@ def run(params: Params, paths: Paths) -> Result:
         "adapter": price_metrics(truths, [r["adapter_prediction"] for r in rows], samples),
         "base_zero_shot": price_metrics(truths, [r["base_prediction"] for r in rows], samples),
         "mean_baseline": price_metrics(truths, [mean_price] * len(truths), samples),
-        "items_per_second": round(items_per_second, 3),
+        "items_per_second": round(predicted.items_per_second, 3),
     }
+    if predicted.topk is not None:
+        metrics["adapter_topk"] = price_metrics(truths, predicted.topk, samples)
+        metrics["topk_items_per_second"] = round(predicted.topk_items_per_second, 3)
     write_json(paths.eval_metrics, metrics)
     write_jsonl(paths.predictions, rows)
     shown = [r["adapter_prediction"] or 0.0 for r in rows]

@@ -1,6 +1,6 @@
 """Stage `export_hub`: package the adapter for the Hugging Face Hub, and push it only when asked.
 
-Reads models/adapter/, models/base/ (its source.json gives the base's Hub id), data/splits/test.jsonl,
+Reads models/adapter/, models/base/ (its source.json gives the base's Hub id), eval/predictions.jsonl,
 metrics/{eval,data,train}.json, reports/*.png and params `base_model`, `data.source`, `prompt`,
 `quantization`, `lora`, `train`, `evaluate` and `export`.
 Writes export/: the adapter (adapter_config.json names the base by its Hub id, not a local path), the
@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from stages.core.cli import StageError, run_stage
 from stages.core.config import Params
 from stages.core.generation import build_prompts, generate
 from stages.core.io import atomic_path, read_json, read_jsonl
-from stages.core.modeling import compute_dtype, device, load_tokenizer
+from stages.core.modeling import compute_dtype, device, load_base, load_tokenizer
 from stages.core.paths import Paths
 from stages.core.prompts import parse_price
 from stages.core.report import comparison_markdown
@@ -64,43 +65,69 @@ def relative_gap(a: float | None, b: float | None) -> float:
     return abs(a - b) / max(abs(b), 1.0)
 
 
-def export_merged(paths: Paths, params: Params, out: Path) -> dict:
-    """Merge the adapter into the base reloaded unquantized (fp32 on CPU, bf16 on CUDA), check that merged
-    and unmerged models agree on `export.merge_check_items` test prompts, then save it in `out`.
+MERGE_TARGETS = ("dequantized", "unquantized")
 
-    Merging into the 4-bit base would keep its rounding error and stay quantized, hence the reload. Raises
+
+def base_for_merging(paths: Paths, params: Params):
+    """The base to merge into, unquantized in the compute dtype (float32 on CPU, bfloat16 on CUDA).
+
+    `export.merge_into: dequantized` copies in the NF4 weights the adapter was trained against, dequantized,
+    so the merged model is the evaluated one; `unquantized` keeps the original weights, which the adapter
+    never saw (on a small model this changes its predictions, and the check below then fails).
+    """
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+
+    if params.export.merge_into not in MERGE_TARGETS:
+        raise StageError(f"export.merge_into: expected one of {MERGE_TARGETS}, got {params.export.merge_into!r}")
+    dtype = compute_dtype(params.quantization.compute_dtype)
+    base = AutoModelForCausalLM.from_pretrained(paths.base_model, dtype=dtype, device_map={"": device()})
+    if params.export.merge_into == "dequantized":
+        linear = dict(base.named_modules())
+        for name, module in load_base(paths.base_model, params.quantization).named_modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+                linear[name].weight.data.copy_(weight.to(dtype))
+    return base
+
+
+def export_merged(paths: Paths, params: Params, out: Path) -> dict:
+    """Merge the adapter into an unquantized base (see `base_for_merging`), check the merged model against
+    the adapter as evaluate_adapter scored it on `export.merge_check_items` test items, then save it in `out`.
+
+    Merging into the 4-bit base itself would re-quantize the sum and stay 4-bit, hence the reload. Raises
     StageError with the numbers, before anything is saved, when a price differs beyond merge_tolerance.
     """
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+
+    from stages.evaluate_adapter import load_adapter_model
 
     cfg = params.export
-    base = AutoModelForCausalLM.from_pretrained(
-        paths.base_model, dtype=compute_dtype(params.quantization.compute_dtype), device_map={"": device()}
-    )
-    model = PeftModel.from_pretrained(base, paths.adapter).eval()
     tokenizer = load_tokenizer(paths.base_model)
-    test = read_jsonl(paths.split("test"))[: cfg.merge_check_items]
-    prompts = build_prompts(tokenizer, test, params.prompt, params.evaluate.max_new_tokens)
-    unmerged = [parse_price(o) for o in generate(model, tokenizer, prompts, params.evaluate, "unmerged check")]
-    unmerged_logits = last_token_logits(model, tokenizer, prompts)
-    merged_model = model.merge_and_unload()
+    evaluated = read_jsonl(paths.predictions)[: cfg.merge_check_items]
+    prompts = build_prompts(tokenizer, evaluated, params.prompt, params.evaluate.max_new_tokens)
+    reference_logits = last_token_logits(load_adapter_model(paths, params), tokenizer, prompts)
+    merged_model = PeftModel.from_pretrained(base_for_merging(paths, params), paths.adapter).merge_and_unload()
+    merged_model.eval()
     merged = [parse_price(o) for o in generate(merged_model, tokenizer, prompts, params.evaluate, "merged check")]
+    adapter = [row["adapter_prediction"] for row in evaluated]
     check = {
+        "merged_into": cfg.merge_into,
         "items": len(prompts),
-        "identical_predictions": sum(a == b for a, b in zip(merged, unmerged, strict=True)),
-        "max_relative_price_difference": max(relative_gap(a, b) for a, b in zip(merged, unmerged, strict=True)),
+        "identical_predictions": sum(a == b for a, b in zip(merged, adapter, strict=True)),
+        "max_relative_price_difference": max(relative_gap(a, b) for a, b in zip(merged, adapter, strict=True)),
         "max_logit_difference": float(
-            (last_token_logits(merged_model, tokenizer, prompts) - unmerged_logits).abs().max()
+            (last_token_logits(merged_model, tokenizer, prompts) - reference_logits).abs().max()
         ),
         "merged_predictions": merged,
-        "unmerged_predictions": unmerged,
+        "adapter_predictions": adapter,
     }
     if check["max_relative_price_difference"] > cfg.merge_tolerance:
         raise StageError(
-            f"merged and unmerged models disagree: prices {merged} vs {unmerged} on the first {len(prompts)} test "
-            f"items (largest relative gap {check['max_relative_price_difference']:.4f} > export.merge_tolerance="
-            f"{cfg.merge_tolerance}; largest logit gap {check['max_logit_difference']:.2e}); nothing was exported"
+            f"the merged model ({cfg.merge_into} base) disagrees with the evaluated adapter: prices {merged} vs "
+            f"{adapter} on the first {len(prompts)} test items (largest relative gap "
+            f"{check['max_relative_price_difference']:.4f} > export.merge_tolerance={cfg.merge_tolerance}; largest "
+            f"next-token logit gap {check['max_logit_difference']:.2e}); nothing was exported"
         )
     merged_model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
@@ -120,9 +147,37 @@ from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained("{name}", subfolder="merged")
 ```
 
-Before export, merged and unmerged models predicted the same price on {check["identical_predictions"]} of
-{check["items"]} test items (largest next-token logit difference {check["max_logit_difference"]:.2e}).
+It was merged into the {check["merged_into"]} base. Before export it predicted the same price as the
+evaluated adapter on {check["identical_predictions"]} of {check["items"]} test items (largest next-token
+logit difference {check["max_logit_difference"]:.2e}).
 """
+
+
+def front_matter(params: Params, hub_id: str, evaluation: dict, name: str) -> str:
+    """The card's YAML metadata as the Hub reads it: base model, library, license, tags, and the test
+    metrics in model-index form."""
+    import yaml
+
+    adapter = evaluation["adapter"]
+    metrics = [
+        {"type": "mae", "name": "average absolute error ($)", "value": round(adapter["avg_error"], 2)},
+        {"type": "rmsle", "name": "RMSLE", "value": round(adapter["rmsle"], 4)},
+        {"type": "accuracy", "name": "hit rate (within $40 or 20%)", "value": round(adapter["hit_rate"], 4)},
+    ]
+    result = {
+        "task": {"type": "text-generation", "name": "Price prediction"},
+        "dataset": {"type": params.data.source, "name": params.data.source, "split": "test"},
+        "metrics": metrics,
+    }
+    meta = {
+        "base_model": hub_id,
+        "library_name": "peft",
+        "license": params.base_model.license,
+        "pipeline_tag": "text-generation",
+        "tags": ["qlora", "lora", "peft", "price-prediction"],
+        "model-index": [{"name": name.split("/")[-1], "results": [result]}],
+    }
+    return f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n"
 
 
 def model_card(
@@ -134,18 +189,7 @@ def model_card(
     hashes = "\n".join(
         f"| {split} | {data[split]['n']} | `{data[split]['sha256'][:16]}` |" for split in ("train", "val", "test")
     )
-    return f"""---
-base_model: {hub_id}
-library_name: peft
-license: {params.base_model.license}
-pipeline_tag: text-generation
-tags:
-- qlora
-- lora
-- peft
-- price-prediction
----
-
+    return f"""{front_matter(params, hub_id, evaluation, name)}
 # {name.split("/")[-1]}: a QLoRA price predictor on {hub_id}
 
 LoRA adapter trained on `{hub_id}` loaded in 4-bit NF4 (QLoRA) to complete a product description
@@ -205,12 +249,43 @@ numbers are guesses. It was trained for {training.get("steps")} steps and is a p
 """
 
 
-def push(folder: Path, repo_id: str | None, private: bool, create_pr: bool = False) -> str:
-    """Upload `folder` to the Hub repo `repo_id` with the token in HF_TOKEN; return where it went.
+WHOAMI_TIMEOUT_S = 30  # huggingface_hub's HTTP client has no timeout: a silent Hub would hang the stage
 
-    Everything that can fail early (no repo id, no token, Hub unreachable, token refused) fails before
-    any file is sent. HF_ENDPOINT, read at call time, points at another Hub (or a local stand-in).
-    With `create_pr` the files go to a pull request instead of the main branch.
+
+def hub_user(api) -> str:
+    """The account HF_TOKEN belongs to; StageError when the Hub refuses the token, fails or stays silent."""
+    answer: dict = {}
+
+    def ask() -> None:
+        try:
+            answer["name"] = api.whoami()["name"]
+        except Exception as exc:  # reported below without the token
+            answer["error"] = exc
+
+    thread = threading.Thread(target=ask, daemon=True)
+    thread.start()
+    thread.join(WHOAMI_TIMEOUT_S)
+    if thread.is_alive():
+        raise StageError(f"the Hub at {api.endpoint} did not answer within {WHOAMI_TIMEOUT_S} s; nothing was uploaded")
+    error = answer.get("error")
+    if error is not None:
+        status = getattr(getattr(error, "response", None), "status_code", None)
+        if status == 401:
+            raise StageError("the Hub refused HF_TOKEN (401 Unauthorized); nothing was uploaded")
+        raise StageError(
+            f"cannot reach the Hub at {api.endpoint} ({error.__class__.__name__}); nothing was uploaded"
+        ) from error
+    return answer["name"]
+
+
+def push(folder: Path, repo_id: str | None, private: bool, create_pr: bool = False) -> str:
+    """Upload `folder` to the Hub repo `repo_id` with the token in HF_TOKEN; return the repo or PR URL.
+
+    What can fail early fails before any file is sent: no repo id, no token, a Hub that is unreachable,
+    silent or refuses the token, and a repo that exists and is public when `private` is asked for.
+    HF_ENDPOINT, read at call time, points at another Hub (or a local stand-in). With `create_pr` the
+    files go to a pull request instead of the main branch. A repo created just before a failed upload
+    stays (empty).
     """
     token = os.environ.get("HF_TOKEN")
     if not repo_id:
@@ -220,20 +295,22 @@ def push(folder: Path, repo_id: str | None, private: bool, create_pr: bool = Fal
     from huggingface_hub import HfApi
 
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
-    try:
-        user = api.whoami()["name"]
-    except Exception as exc:  # unreachable Hub or refused token; the message never carries the token
-        raise StageError(
-            f"cannot reach the Hub or the token was refused ({exc.__class__.__name__}); nothing was uploaded"
-        ) from exc
+    user = hub_user(api)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
+        if private and not api.repo_info(repo_id).private:
+            raise StageError(
+                f"{repo_id} already exists and is public, but export.private is true; nothing was uploaded "
+                "(set export.private: false to publish to it)"
+            )
         commit = api.upload_folder(
             folder_path=str(folder), repo_id=repo_id, create_pr=create_pr, commit_message="Upload QLoRA adapter"
         )
+    except StageError:
+        raise
     except Exception as exc:  # network and permission errors; never echo the token
         raise StageError(f"upload to {repo_id} as {user} failed: {exc.__class__.__name__}: {exc}") from exc
-    return getattr(commit, "pr_url", None) or repo_id
+    return getattr(commit, "pr_url", None) or f"{api.endpoint}/{repo_id}"
 
 
 def run(params: Params, paths: Paths) -> Result:

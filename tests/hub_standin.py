@@ -16,6 +16,7 @@ Endpoints, as `huggingface_hub` 2.4 calls them (see hf_api.py and _commit_api.py
 
 - GET  /api/whoami-v2                                 HfApi.whoami
 - POST /api/repos/create                              HfApi.create_repo (409 when the repo exists)
+- GET  /api/{type}s/{owner}/{name}                    HfApi.repo_info (its `private` flag)
 - POST /api/validate-yaml                             README.md front matter check before an upload
 - POST /api/{type}s/{owner}/{name}/preupload/{rev}    upload modes: always "regular", so every file goes
                                                       base64-encoded inside the commit itself and no LFS
@@ -40,6 +41,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+INFO_ROUTE = re.compile(r"^/api/(?P<type>models|datasets|spaces)/(?P<repo>[^/]+/[^/]+)(?:/revision/[^/]+)?$")
 REPO_ROUTE = re.compile(r"^/api/(?P<type>models|datasets|spaces)/(?P<repo>[^/]+/[^/]+)/(?P<rest>.+)$")
 CREATED_AT = "2024-01-01T00:00:00.000Z"
 
@@ -117,7 +119,9 @@ class HubStandin:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="hub-standin", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.05,), name="hub-standin", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -150,6 +154,9 @@ class HubStandin:
                 return self._create_repo(json.loads(request.body))
             if request.method == "POST" and request.path == "/api/validate-yaml":
                 return 200, {"errors": [], "warnings": []}, {}
+            info = INFO_ROUTE.match(request.path)
+            if info and request.method == "GET":
+                return self._repo_info(info["repo"])
             route = REPO_ROUTE.match(request.path)
             if route:
                 repo_id, rest = route["repo"], route["rest"]
@@ -192,6 +199,13 @@ class HubStandin:
         private = payload.get("private") if visibility is None else visibility == "private"
         self.repos[repo_id] = Repo(repo_id=repo_id, repo_type=payload.get("type") or "model", private=private)
         return 200, {"url": url, "name": repo_id}, {}
+
+    def _repo_info(self, repo_id: str):
+        repo = self.repos.get(repo_id)
+        if repo is None:
+            return 404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"}
+        siblings = [{"rfilename": name} for name in repo.files]
+        return 200, {"id": repo_id, "private": bool(repo.private), "sha": "0" * 40, "siblings": siblings}, {}
 
     def _preupload(self, payload: dict):
         files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in payload["files"]]

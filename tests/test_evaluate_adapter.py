@@ -59,3 +59,16 @@ def test_item_lines_follow_the_course_tester(pipeline_project):
     assert "unparsed: 'n/a'" in plain[1]
     coloured = item_lines(rows, colour=True)
     assert coloured[0].startswith("\033[92m") and coloured[1].startswith("\033[91m")
+
+
+def test_topk_estimate_is_skipped_with_a_reason_when_prices_are_not_single_tokens(pipeline_project, capsys):
+    import dataclasses
+
+    from stages.evaluate_adapter import predict_all
+
+    paths, params, _ = pipeline_project
+    cfg = dataclasses.replace(params.evaluate, topk_estimate=True)
+    rows = [{"text": "A red lamp, model 1, size 3 cm.", "price": 123456.0}]
+    predicted = predict_all(paths, dataclasses.replace(params, evaluate=cfg), rows)
+    assert predicted.topk is None and len(predicted.adapter) == 1
+    assert "evaluate.topk_estimate skipped" in capsys.readouterr().out

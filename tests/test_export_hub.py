@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import yaml
 
 from stages import export_hub
 from stages.core.config import params_from_dict
@@ -36,6 +37,10 @@ def test_model_card_has_metadata_metrics_and_lineage(exported):
     card = (paths.export / "README.md").read_text()
     front = card.split("---")[1]
     assert "base_model: test-org/tiny-llama" in front and "library_name: peft" in front
+    meta = yaml.safe_load(front)
+    (result,) = meta["model-index"][0]["results"]
+    evaluation = json.loads(paths.eval_metrics.read_text())
+    assert result["metrics"][0]["value"] == round(evaluation["adapter"]["avg_error"], 2)
     assert "fine-tuned adapter" in card and "constant mean price" in card
     data = json.loads(paths.data_metrics.read_text())
     assert data["test"]["sha256"][:16] in card
@@ -90,7 +95,7 @@ def test_merged_export_loads_without_peft_and_agrees_with_the_adapter(pipeline_p
 
     paths, params, _ = pipeline_project
     copy = Paths.at(tmp_path)
-    for folder in ("models", "data", "metrics", "reports"):
+    for folder in ("models", "data", "metrics", "reports", "eval"):
         shutil.copytree(paths.root / folder, tmp_path / folder)
     merged_params = dataclasses.replace(params, export=dataclasses.replace(params.export, merge=True))
     export_hub.run(merged_params, copy)
@@ -106,7 +111,7 @@ def test_merged_export_loads_without_peft_and_agrees_with_the_adapter(pipeline_p
     from stages.core.prompts import parse_price
 
     predictions = [parse_price(o) for o in generate(model, tokenizer, prompts, params.evaluate, "merged")]
-    assert predictions == check["merged_predictions"] == check["unmerged_predictions"]
+    assert predictions == check["merged_predictions"] == check["adapter_predictions"]
     assert 'subfolder="merged"' in (copy.export / "README.md").read_text()
 
 
@@ -118,7 +123,7 @@ def test_disagreeing_merge_fails_before_anything_is_written(pipeline_project, tm
 
     paths, params, _ = pipeline_project
     copy = Paths.at(tmp_path)
-    for folder in ("models", "data", "metrics", "reports"):
+    for folder in ("models", "data", "metrics", "reports", "eval"):
         shutil.copytree(paths.root / folder, tmp_path / folder)
     # A negative tolerance makes even identical predictions "disagree": the failure path, without mocks.
     strict = dataclasses.replace(params.export, merge=True, merge_tolerance=-1.0)

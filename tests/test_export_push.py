@@ -85,7 +85,7 @@ def test_push_uploads_every_file_byte_for_byte_to_a_private_repo(exported, hub, 
 
     where = export_hub.push(paths.export, REPO, params.export.private)
 
-    assert where == REPO
+    assert where == f"{hub.url}/{REPO}"
     assert hub.paths_requested()[:2] == ["GET /api/whoami-v2", "POST /api/repos/create"]
     assert hub.repos[REPO].private is True
     (commit,) = hub.commits
@@ -145,6 +145,28 @@ def test_unreachable_hub_fails_fast_before_any_upload(exported, monkeypatch):
     assert TOKEN not in exception_text(info.value)
 
 
+def test_existing_public_repo_is_not_used_when_private_is_asked(exported, hub):
+    from tests.hub_standin import Repo
+
+    paths, _ = exported
+    hub.repos[REPO] = Repo(repo_id=REPO, repo_type="model", private=False)
+    with pytest.raises(StageError, match="already exists and is public"):
+        export_hub.push(paths.export, REPO, private=True)
+    assert hub.commits == []
+
+
+def test_silent_hub_times_out_before_any_upload(exported, monkeypatch):
+    paths, _ = exported
+    monkeypatch.setattr(export_hub, "WHOAMI_TIMEOUT_S", 1)
+    with socket.socket() as silent:  # accepts connections (the kernel does) but never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        with pytest.raises(StageError, match="did not answer within 1 s; nothing was uploaded"):
+            export_hub.push(paths.export, REPO, private=True)
+
+
 def test_token_is_written_nowhere_by_a_pushing_export_and_its_mlflow_run(
     pipeline_project, hub, monkeypatch, capfd, caplog
 ):
@@ -159,7 +181,7 @@ def test_token_is_written_nowhere_by_a_pushing_export_and_its_mlflow_run(
     run_id = record_pipeline_run(paths, pushing, started_by="test")
     out, err = capfd.readouterr()
 
-    assert result.pushed_to == REPO and run_id
+    assert result.pushed_to == f"{hub.url}/{REPO}" and run_id
     (commit,) = hub.commits
     assert commit.files == folder_bytes(paths.export)  # run() rebuilt export/ and uploaded all of it
     assert hub.requests[0].authorization == f"Bearer {TOKEN}"  # the token was really in play

@@ -147,3 +147,31 @@ def test_learning_rate_change_invalidates_train_evaluate_export_only(flow_projec
 def test_split_seed_change_invalidates_from_split_on(flow_project):
     root, env, _ = flow_project
     assert stages_to_rerun(root, env, "data", "seed", 8) == ALL_STAGES - {"base_model"}
+
+
+def test_champion_row_comes_from_the_registry_when_scored_on_the_same_test_set(flow_project):
+    from mlflow import MlflowClient
+
+    from stages.core.config import load_params
+    from stages.core.paths import Paths
+    from stages.core.report import comparison_table
+    from stages.core.tracking import champion_metrics
+
+    root, _, _ = flow_project
+    paths = Paths.at(root)
+    params = load_params(paths.params)
+    assert champion_metrics(paths, params) is None  # nothing registered yet
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    (mlflow_run,) = client.search_runs([client.get_experiment_by_name("qlora-price").experiment_id])
+    name = params.tracking.registered_model
+    client.create_registered_model(name)
+    version = client.create_model_version(name, f"runs:/{mlflow_run.info.run_id}/adapter", mlflow_run.info.run_id)
+    client.set_registered_model_alias(name, "champion", version.version)
+
+    champion = champion_metrics(paths, params)
+    evaluation = json.loads((root / "metrics" / "eval.json").read_text())
+    assert champion["avg_error"] == pytest.approx(evaluation["adapter"]["avg_error"])
+    assert "current champion (MLflow)" in comparison_table({**evaluation, "champion": champion})
+
+    client.set_tag(mlflow_run.info.run_id, "data.test_sha256", "another-test-set")
+    assert champion_metrics(paths, params) is None

@@ -1,4 +1,4 @@
-"""Every module in stages/ and flows/ imports, and importing a stage does not pull in torch or prefect."""
+"""Every module in stages/, flows/ and bench/ imports, and importing a stage does not pull in torch or prefect."""
 
 import importlib
 import pkgutil
@@ -7,10 +7,11 @@ import sys
 
 import pytest
 
+import bench
 import flows
 import stages
 
-PACKAGES = (stages, flows)
+PACKAGES = (stages, flows, bench)
 FOUND = [
     (name, is_package)
     for package in PACKAGES

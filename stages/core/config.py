@@ -93,6 +93,8 @@ class EvaluateConfig:
     max_new_tokens: int = 8
     show_items: bool = True  # one line per test item, coloured by band on a terminal
     bootstrap_samples: int = 1000  # resamples for the 95% interval of the average error (0: none)
+    topk_estimate: bool = False  # also score the one-pass top-k estimate, where prices are single tokens
+    topk: int = 5
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,8 @@ class ExportConfig:
     repo_id: str | None = None
     private: bool = True
     create_pr: bool = False
-    merge: bool = False  # also export the adapter merged into the unquantized base
+    merge: bool = False  # also export the adapter merged into an unquantized base
+    merge_into: str = "dequantized"  # "dequantized" NF4 weights (the evaluated model) or "unquantized" originals
     merge_check_items: int = 8  # test items predicted by both merged and unmerged models before export
     merge_tolerance: float = 0.01  # largest relative price difference allowed between the two
 
@@ -109,6 +112,7 @@ class ExportConfig:
 @dataclass(frozen=True)
 class TrackingConfig:
     experiment: str = "qlora-price"
+    registered_model: str = "qlora-price-adapter"  # MLflow registry name; its `champion` alias is compared
     tracking_uri: str | None = None  # default: sqlite:///<project root>/mlflow.db
 
 

@@ -60,3 +60,38 @@ def generate(model, tokenizer, prompts: list[str], cfg: EvaluateConfig, desc: st
             )
         outputs += tokenizer.batch_decode(generated[:, prompt_length:], skip_special_tokens=True)
     return outputs
+
+
+def single_token_share(tokenizer, prices: list[float]) -> float:
+    """Share of `prices` whose whole-dollar digits the tokenizer encodes as one token (after "$")."""
+    if not prices:
+        return 0.0
+    single = sum(len(tokenizer(f"{price:.0f}", add_special_tokens=False)["input_ids"]) == 1 for price in prices)
+    return single / len(prices)
+
+
+def topk_estimates(model, tokenizer, prompts: list[str], k: int, batch_size: int) -> list[float | None]:
+    """The course's fast estimate: one forward pass per prompt, the top-k next tokens that are whole
+    numbers, and their probability-weighted mean (None when no top-k token is a number).
+
+    Valid only when prices are single tokens (see `single_token_share`); with digit-by-digit tokenizers
+    it would only guess the first digit.
+    """
+    import torch
+
+    tokenizer.padding_side = "left"
+    estimates: list[float | None] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(model.device)
+        with torch.inference_mode():
+            probabilities = model(**batch).logits[:, -1, :].float().softmax(dim=-1)
+        top = probabilities.topk(k, dim=-1)
+        for values, ids in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+            numeric = [
+                (float(text), p)
+                for text, p in zip(tokenizer.batch_decode([[i] for i in ids]), values, strict=True)
+                if text.strip().isdigit()
+            ]
+            total = sum(p for _, p in numeric)
+            estimates.append(sum(v * p for v, p in numeric) / total if total > 0 else None)
+    return estimates

@@ -103,6 +103,34 @@ def experiment_id(client, paths: Paths, name: str) -> str:
     return client.create_experiment(name, artifact_location=paths.mlflow_artifacts.as_uri())
 
 
+CHAMPION_ALIAS = "champion"
+TEST_HASH_TAG = "data.test_sha256"
+
+
+def test_set_hash(paths: Paths) -> str | None:
+    """The sha256 of the test split, from metrics/data.json (None before split_data has run)."""
+    return read_json(paths.data_metrics)["test"]["sha256"] if paths.data_metrics.is_file() else None
+
+
+def champion_metrics(paths: Paths, params: Params) -> dict[str, float] | None:
+    """The evaluation metrics of the registry's `champion` version of `tracking.registered_model`, when
+    it exists and was scored on the same test set (same sha256) as this workspace; else None."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=tracking_uri(paths, params))
+    try:
+        version = client.get_model_version_by_alias(params.tracking.registered_model, CHAMPION_ALIAS)
+    except MlflowException:
+        return None  # no registered model, or no champion yet
+    run = client.get_run(version.run_id)
+    if run.data.tags.get(TEST_HASH_TAG) != test_set_hash(paths):
+        print(f"champion (version {version.version}) was scored on another test set; not compared")
+        return None
+    prefix = "eval.adapter."
+    return {key.removeprefix(prefix): value for key, value in run.data.metrics.items() if key.startswith(prefix)}
+
+
 def record_pipeline_run(
     paths: Paths, params: Params, started_by: str, run_name: str | None = None, extra_metrics: dict | None = None
 ) -> str:
@@ -110,11 +138,10 @@ def record_pipeline_run(
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri(paths, params))
-    run = client.create_run(
-        experiment_id(client, paths, params.tracking.experiment),
-        run_name=run_name,
-        tags={"started_by": started_by, **git_tags(paths.root), **dvc_lock_tags(paths.root)},
-    )
+    tags = {"started_by": started_by, **git_tags(paths.root), **dvc_lock_tags(paths.root)}
+    if test_set_hash(paths):
+        tags[TEST_HASH_TAG] = test_set_hash(paths)
+    run = client.create_run(experiment_id(client, paths, params.tracking.experiment), run_name=run_name, tags=tags)
     run_id = run.info.run_id
     try:
         for key, value in flatten(params).items():
