@@ -26,7 +26,7 @@ from stages.core.cli import StageError, run_stage
 from stages.core.config import Params
 from stages.core.generation import build_prompts, generate
 from stages.core.io import atomic_path, read_json, read_jsonl
-from stages.core.modeling import compute_dtype, device, load_base, load_tokenizer
+from stages.core.modeling import compute_dtype, device, load_tokenizer
 from stages.core.paths import Paths
 from stages.core.prompts import parse_price
 from stages.core.report import comparison_markdown
@@ -68,12 +68,13 @@ def relative_gap(a: float | None, b: float | None) -> float:
 MERGE_TARGETS = ("dequantized", "unquantized")
 
 
-def base_for_merging(paths: Paths, params: Params):
+def base_for_merging(paths: Paths, params: Params, quantized_adapter_model):
     """The base to merge into, unquantized in the compute dtype (float32 on CPU, bfloat16 on CUDA).
 
-    `export.merge_into: dequantized` copies in the NF4 weights the adapter was trained against, dequantized,
-    so the merged model is the evaluated one; `unquantized` keeps the original weights, which the adapter
-    never saw (on a small model this changes its predictions, and the check below then fails).
+    `export.merge_into: dequantized` copies in the NF4 weights the adapter was trained against, dequantized
+    from `quantized_adapter_model` (the 4-bit base with the adapter, as evaluated), so the merged model is
+    the evaluated one; `unquantized` keeps the original weights, which the adapter never saw (on a small
+    model this changes its predictions, and the check in `export_merged` then fails).
     """
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM
@@ -84,10 +85,10 @@ def base_for_merging(paths: Paths, params: Params):
     base = AutoModelForCausalLM.from_pretrained(paths.base_model, dtype=dtype, device_map={"": device()})
     if params.export.merge_into == "dequantized":
         linear = dict(base.named_modules())
-        for name, module in load_base(paths.base_model, params.quantization).named_modules():
-            if isinstance(module, bnb.nn.Linear4bit):
+        for name, module in quantized_adapter_model.get_base_model().named_modules():
+            if isinstance(module, bnb.nn.Linear4bit):  # LoRA-wrapped ones sit at "<name>.base_layer"
                 weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
-                linear[name].weight.data.copy_(weight.to(dtype))
+                linear[name.removesuffix(".base_layer")].weight.data.copy_(weight.to(dtype))
     return base
 
 
@@ -106,8 +107,11 @@ def export_merged(paths: Paths, params: Params, out: Path) -> dict:
     tokenizer = load_tokenizer(paths.base_model)
     evaluated = read_jsonl(paths.predictions)[: cfg.merge_check_items]
     prompts = build_prompts(tokenizer, evaluated, params.prompt, params.evaluate.max_new_tokens)
-    reference_logits = last_token_logits(load_adapter_model(paths, params), tokenizer, prompts)
-    merged_model = PeftModel.from_pretrained(base_for_merging(paths, params), paths.adapter).merge_and_unload()
+    evaluated_model = load_adapter_model(paths, params)
+    reference_logits = last_token_logits(evaluated_model, tokenizer, prompts)
+    base = base_for_merging(paths, params, evaluated_model)
+    del evaluated_model
+    merged_model = PeftModel.from_pretrained(base, paths.adapter).merge_and_unload()
     merged_model.eval()
     merged = [parse_price(o) for o in generate(merged_model, tokenizer, prompts, params.evaluate, "merged check")]
     adapter = [row["adapter_prediction"] for row in evaluated]
