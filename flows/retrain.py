@@ -43,7 +43,6 @@ def stage_environment() -> dict[str, str]:
     in dvc.yaml runs with the same packages as the flow."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.setdefault("HF_HUB_OFFLINE", "0")
     return env
 
 
