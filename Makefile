@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # Stage commands in dvc.yaml call `python`: make it this environment's.
 RUN := env PATH="$(BIN):$$PATH" PREFECT_SERVER_ANALYTICS_ENABLED=false
 
-.PHONY: venv demo test lint format repro mlflow-ui bench-eval clean
+.PHONY: venv demo test lint format repro mlflow-ui bench-eval bench-memory clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ repro: venv
 
 bench-eval: venv
 	$(RUN) $(BIN)/python -m bench.eval_throughput
+
+bench-memory: venv
+	$(RUN) $(BIN)/python -m bench.memory
 
 mlflow-ui: venv
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --host 127.0.0.1 --port 5000

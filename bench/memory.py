@@ -1,0 +1,131 @@
+"""Benchmark: peak resident memory of QLoRA (4-bit NF4 base) against LoRA on the unquantized base.
+
+Each mode runs in its own process (peak RSS is per process): load the base from models/base, attach the
+same LoRA adapters (params `lora`), and take `--steps` AdamW steps on batches of `train.batch_size`
+examples from data/tokenized/train, as train_qlora does. Needs a finished pipeline (`make demo`).
+Prints peak RSS, the base's parameter bytes, seconds per step and the last loss for each mode and the
+QLoRA/LoRA ratio; writes bench/results/memory.json.
+
+Run: `python -m bench.memory [--steps 5]` (or `make bench-memory`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results" / "memory.json"
+MODES = ("qlora", "lora")
+
+
+def current_rss_mb() -> float:
+    """This process's resident memory now (VmRSS), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
+
+
+def measure(mode: str, steps: int) -> dict:
+    """Train `steps` steps in this process with a 4-bit (qlora) or full-precision (lora) base."""
+    import torch
+    from datasets import load_from_disk
+    from transformers import DataCollatorForSeq2Seq
+
+    from stages.core.config import load_params
+    from stages.core.modeling import load_base, load_tokenizer, set_threads
+    from stages.core.paths import Paths
+    from stages.core.prompts import IGNORE_INDEX
+    from stages.train_qlora import attach_lora
+
+    paths = Paths.at(".")
+    params = load_params(paths.params)
+    set_threads(params.train.threads)
+    torch.manual_seed(params.train.seed)
+    quantization = dataclasses.replace(params.quantization, load_in_4bit=mode == "qlora")
+    base = load_base(paths.base_model, quantization)
+    base_bytes = sum(t.numel() * t.element_size() for t in [*base.parameters(), *base.buffers()])
+    gc.collect()
+    loaded_rss, load_peak = current_rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    model = attach_lora(base, params.lora, params.train.gradient_checkpointing)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=params.train.learning_rate)
+    collator = DataCollatorForSeq2Seq(
+        load_tokenizer(paths.base_model), padding="longest", label_pad_token_id=IGNORE_INDEX
+    )
+    rows = load_from_disk(str(paths.tokenized))["train"]
+    size = params.train.batch_size
+    started, loss = time.perf_counter(), float("nan")
+    for step in range(steps):
+        batch = collator([rows[i] for i in range(step * size, (step + 1) * size)])
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        loss = loss.item()
+    return {
+        "mode": mode,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # Linux: KiB
+        "peak_rss_while_loading_mb": round(load_peak, 1),
+        "rss_after_load_mb": loaded_rss,
+        "rss_after_training_mb": current_rss_mb(),
+        "base_parameter_mb": round(base_bytes / 2**20, 1),
+        "seconds_per_step": round((time.perf_counter() - started) / steps, 2),
+        "last_loss": round(loss, 4),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=5, help="training steps per mode (default 5)")
+    parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)  # internal: measure one mode
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(measure(args.child, args.steps)))
+        return 0
+    results = {}
+    for mode in MODES:
+        done = subprocess.run(
+            [sys.executable, "-m", "bench.memory", "--child", mode, "--steps", str(args.steps)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            print(done.stderr[-3000:], file=sys.stderr)
+            return done.returncode
+        results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+    ratio = results["qlora"]["peak_rss_mb"] / results["lora"]["peak_rss_mb"]
+    columns = (
+        "peak_rss_mb",
+        "peak_rss_while_loading_mb",
+        "rss_after_load_mb",
+        "rss_after_training_mb",
+        "base_parameter_mb",
+        "seconds_per_step",
+        "last_loss",
+    )
+    print(
+        f"\n{'mode':<6} {'peak RSS':>9} {'load peak':>10} {'after load':>11} {'after train':>12} {'base':>7} "
+        f"{'s/step':>7} {'last loss':>10}   (memory in MiB)"
+    )
+    for mode, r in results.items():
+        widths = (9, 10, 11, 12, 7, 7, 10)
+        print(f"{mode:<6} " + " ".join(f"{r[c]:>{w}.2f}" for c, w in zip(columns, widths, strict=True)))
+    print(f"QLoRA / LoRA peak RSS: {ratio:.2f}")
+    from stages.core.io import write_json
+
+    write_json(RESULTS, {"steps": args.steps, "results": results, "qlora_over_lora_peak_rss": round(ratio, 3)})
+    print(f"written to {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
