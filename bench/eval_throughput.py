@@ -20,10 +20,9 @@ from pathlib import Path
 from stages.core.config import load_params
 from stages.core.generation import build_prompts, generate
 from stages.core.io import read_jsonl, write_json
-from stages.core.modeling import load_tokenizer, set_threads
+from stages.core.modeling import load_adapter_model, load_tokenizer, set_threads
 from stages.core.paths import Paths
 from stages.core.prompts import parse_price
-from stages.evaluate_adapter import load_adapter_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "eval_throughput.json"
 
@@ -58,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     set_threads(0)
     rows = read_jsonl(paths.split("test"))[: args.items]
     tokenizer = load_tokenizer(paths.base_model)
-    model = load_adapter_model(paths, params)
+    model = load_adapter_model(paths.base_model, paths.adapter, params.quantization)
     prompts = build_prompts(tokenizer, rows, params.prompt, params.evaluate.max_new_tokens)
     generate(model, tokenizer, prompts[:2], params.evaluate, "warm-up")
     batched, batched_seconds = timed(generate, model, tokenizer, prompts, params.evaluate, "batched")

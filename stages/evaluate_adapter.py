@@ -27,7 +27,7 @@ from stages.core.config import Params
 from stages.core.generation import build_prompts, generate, single_token_share, topk_estimates
 from stages.core.io import read_jsonl, write_csv, write_json, write_jsonl
 from stages.core.metrics import GREEN, ORANGE, band, price_metrics
-from stages.core.modeling import load_base, load_tokenizer, set_threads
+from stages.core.modeling import load_adapter_model, load_tokenizer, set_threads
 from stages.core.paths import Paths
 from stages.core.prompts import parse_price
 from stages.core.report import comparison_table
@@ -38,17 +38,6 @@ class Result:
     adapter: dict
     base_zero_shot: dict
     mean_baseline: dict
-
-
-def load_adapter_model(paths: Paths, params: Params):
-    """The 4-bit base with the trained adapter attached, in eval mode."""
-    from peft import PeftModel
-
-    if not (paths.adapter / "adapter_config.json").is_file():
-        raise StageError(f"{paths.adapter}: no adapter_config.json; run train_qlora first")
-    model = PeftModel.from_pretrained(load_base(paths.base_model, params.quantization), paths.adapter)
-    model.eval()
-    return model
 
 
 MIN_SINGLE_TOKEN_SHARE = 0.95  # the top-k estimate needs nearly every price to be one token
@@ -79,7 +68,7 @@ def predict_all(paths: Paths, params: Params, rows: list[dict]) -> Predictions:
     top-k estimate when params ask for it and the tokenizer allows it."""
     cfg = params.evaluate
     tokenizer = load_tokenizer(paths.base_model)
-    model = load_adapter_model(paths, params)
+    model = load_adapter_model(paths.base_model, paths.adapter, params.quantization)
     prompts = build_prompts(tokenizer, rows, params.prompt, cfg.max_new_tokens)
     started = time.perf_counter()
     adapter_outputs = generate(model, tokenizer, prompts, cfg, "adapter")

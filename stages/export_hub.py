@@ -26,7 +26,7 @@ from stages.core.cli import StageError, run_stage
 from stages.core.config import Params
 from stages.core.generation import build_prompts, generate
 from stages.core.io import atomic_path, read_json, read_jsonl
-from stages.core.modeling import compute_dtype, device, load_tokenizer
+from stages.core.modeling import compute_dtype, device, load_adapter_model, load_tokenizer
 from stages.core.paths import Paths
 from stages.core.prompts import parse_price
 from stages.core.report import comparison_markdown
@@ -101,13 +101,11 @@ def export_merged(paths: Paths, params: Params, out: Path) -> dict:
     """
     from peft import PeftModel
 
-    from stages.evaluate_adapter import load_adapter_model
-
     cfg = params.export
     tokenizer = load_tokenizer(paths.base_model)
     evaluated = read_jsonl(paths.predictions)[: cfg.merge_check_items]
     prompts = build_prompts(tokenizer, evaluated, params.prompt, params.evaluate.max_new_tokens)
-    evaluated_model = load_adapter_model(paths, params)
+    evaluated_model = load_adapter_model(paths.base_model, paths.adapter, params.quantization)
     reference_logits = last_token_logits(evaluated_model, tokenizer, prompts)
     base = base_for_merging(paths, params, evaluated_model)
     del evaluated_model

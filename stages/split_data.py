@@ -142,10 +142,10 @@ def clean(table, cfg: DataConfig) -> tuple[list[dict], Counter]:
             dropped["price_too_high"] += 1
         elif not isinstance(text, str) or len(text.strip()) < max(cfg.min_text_chars, 1):
             dropped["text_empty_or_short"] += 1
-        elif normalise(text) in seen:
+        elif (key := normalise(text)) in seen:
             dropped["duplicate_text"] += 1
         else:
-            seen.add(normalise(text))
+            seen.add(key)
             kept.append({"text": text.strip(), "price": price})
     return kept, dropped
 

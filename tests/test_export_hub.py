@@ -82,21 +82,28 @@ def test_push_is_off_by_default():
     assert params_from_dict({}).export.push is False
 
 
+def copy_outputs(paths, destination):
+    """A copy of the pipeline's outputs, so an export with other params leaves the shared project alone."""
+    import shutil
+
+    from stages.core.paths import Paths
+
+    for folder in ("models", "data", "metrics", "reports", "eval"):
+        shutil.copytree(paths.root / folder, destination / folder)
+    return Paths.at(destination)
+
+
 def test_merged_export_loads_without_peft_and_agrees_with_the_adapter(pipeline_project, tmp_path):
     import dataclasses
-    import shutil
 
     import torch
     from transformers import AutoModelForCausalLM
 
     from stages.core.generation import build_prompts, generate
     from stages.core.modeling import load_tokenizer
-    from stages.core.paths import Paths
 
     paths, params, _ = pipeline_project
-    copy = Paths.at(tmp_path)
-    for folder in ("models", "data", "metrics", "reports", "eval"):
-        shutil.copytree(paths.root / folder, tmp_path / folder)
+    copy = copy_outputs(paths, tmp_path)
     merged_params = dataclasses.replace(params, export=dataclasses.replace(params.export, merge=True))
     export_hub.run(merged_params, copy)
 
@@ -117,14 +124,9 @@ def test_merged_export_loads_without_peft_and_agrees_with_the_adapter(pipeline_p
 
 def test_disagreeing_merge_fails_before_anything_is_written(pipeline_project, tmp_path):
     import dataclasses
-    import shutil
-
-    from stages.core.paths import Paths
 
     paths, params, _ = pipeline_project
-    copy = Paths.at(tmp_path)
-    for folder in ("models", "data", "metrics", "reports", "eval"):
-        shutil.copytree(paths.root / folder, tmp_path / folder)
+    copy = copy_outputs(paths, tmp_path)
     # A negative tolerance makes even identical predictions "disagree": the failure path, without mocks.
     strict = dataclasses.replace(params.export, merge=True, merge_tolerance=-1.0)
     merged_params = dataclasses.replace(params, export=strict)

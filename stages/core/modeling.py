@@ -71,6 +71,18 @@ def load_base(path: Path, cfg: QuantizationConfig):
     return model
 
 
+def load_adapter_model(base: Path, adapter: Path, cfg: QuantizationConfig):
+    """The base from `base` (4-bit when `cfg.load_in_4bit`) with the LoRA adapter in `adapter`, in eval mode;
+    FileNotFoundError when `adapter` holds no adapter."""
+    from peft import PeftModel
+
+    if not (adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter}: no adapter_config.json; run train_qlora first")
+    model = PeftModel.from_pretrained(load_base(base, cfg), adapter)
+    model.eval()
+    return model
+
+
 def keep_compute_dtype_on_cpu(model) -> None:
     """Stop bitsandbytes from repacking 4-bit weights for its bf16 CPU inference kernel.
 

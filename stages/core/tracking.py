@@ -139,8 +139,9 @@ def record_pipeline_run(
 
     client = MlflowClient(tracking_uri=tracking_uri(paths, params))
     tags = {"started_by": started_by, **git_tags(paths.root), **dvc_lock_tags(paths.root)}
-    if test_set_hash(paths):
-        tags[TEST_HASH_TAG] = test_set_hash(paths)
+    test_hash = test_set_hash(paths)
+    if test_hash:
+        tags[TEST_HASH_TAG] = test_hash
     run = client.create_run(experiment_id(client, paths, params.tracking.experiment), run_name=run_name, tags=tags)
     run_id = run.info.run_id
     try:
