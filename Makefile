@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # Stage commands in dvc.yaml call `python`: make it this environment's.
 RUN := env PATH="$(BIN):$$PATH" PREFECT_SERVER_ANALYTICS_ENABLED=false
 
-.PHONY: venv demo test lint format repro mlflow-ui bench-eval bench-memory clean
+.PHONY: venv demo test lint format repro prefect-server serve mlflow-ui bench-eval bench-memory clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,15 @@ bench-eval: venv
 
 bench-memory: venv
 	$(RUN) $(BIN)/python -m bench.memory
+
+# A Prefect server for schedules and the UI (http://127.0.0.1:4200); keep it running in its own terminal.
+prefect-server: venv
+	$(RUN) $(BIN)/prefect server start --host 127.0.0.1 --port 4200
+
+# Serve the retrain flow on flow.schedule (params.yaml) against that server; Ctrl-C pauses the schedule.
+PREFECT_API_URL ?= http://127.0.0.1:4200/api
+serve: venv
+	$(RUN) PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/python -m flows.serve
 
 mlflow-ui: venv
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --host 127.0.0.1 --port 5000

@@ -1,13 +1,19 @@
-"""Prefect flow `retrain`: every DVC stage in order, then one MLflow run for this execution.
+"""Prefect flow `retrain`: ask DVC what changed, rebuild it stage by stage, record it in MLflow, report.
 
-Each stage is one Prefect task that runs `dvc repro <stage>` (serially, so DVC's repo lock is never
-contended and dvc.lock stays the truth; DVC skips what is up to date), streaming its output to the
-Prefect log. Then the execution is recorded in MLflow (params, metrics, loss curve, adapter, charts,
-lineage tags), a Markdown report is attached to the flow run, and the comparison table is printed,
-with a row for the MLflow registry's `champion` when it was scored on the same test set.
-Prefect owns retries and logs only; DVC owns caching, so task results are never cached.
+1. Take the workspace (flows/workspace.py): a second retrain on the same folder waits
+   `flow.lock_wait_seconds`, then stops with a message naming the first.
+2. `dvc status`: when nothing changed (data, params, code), end within seconds with an "up to date"
+   report: no training, no MLflow run.
+3. Open one MLflow run and run each stage as a Prefect task, `dvc repro <stage>` (serially, so DVC's lock
+   is never contended and dvc.lock stays the truth). The run's id goes to the stages in $MLFLOW_RUN_ID:
+   train_qlora streams its curves into it live, and the last stage, record_run, logs everything else,
+   registers the adapter and applies the promotion gate. A stage is retried `flow.stage_retries` times
+   when its failure may pass (killed process, OS error, DVC lock), never on bad input, params or code.
+4. Publish a Markdown report (Prefect artifact `retrain-report`): the new adapter beside the previous
+   champion and the base model, promoted or not and why, and the MLflow run with the command to open it.
 
-Run: `python -m flows.retrain` (Prefect starts a temporary local server when PREFECT_API_URL is unset).
+Run: `python -m flows.retrain` (Prefect starts a temporary local server when PREFECT_API_URL is unset);
+`python -m flows.serve` puts it on a schedule.
 """
 
 from __future__ import annotations
@@ -19,36 +25,81 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # read when 
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 import argparse
+import re
 import subprocess
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import deployment, flow_run
 
-from stages.core.config import load_params
+from flows.workspace import busy_message, describe_changes, pipeline_changes, workspace_lock
+from stages.core.cli import TRANSIENT_EXIT
+from stages.core.config import Params, load_params
 from stages.core.io import read_json
 from stages.core.paths import Paths
 from stages.core.report import comparison_markdown, comparison_table
-from stages.core.tracking import champion_metrics, record_pipeline_run, tracking_uri
+from stages.core.tracking import client_for, shown_uri, start_pipeline_run, tracking_uri
 
-STAGES = ("base_model", "split_data", "tokenize_data", "train_qlora", "evaluate_adapter", "export_hub")
+STAGES = (
+    "base_model",
+    "split_data",
+    "tokenize_data",
+    "train_qlora",
+    "evaluate_adapter",
+    "export_hub",
+    "record_run",
+)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+REPORT_KEY = "retrain-report"
+DVC_LOCK_BUSY = "Unable to acquire lock"
 
 
-def stage_environment() -> dict[str, str]:
+class StageFailed(RuntimeError):
+    """`dvc repro <stage>` failed; `transient` says whether running it again may succeed."""
+
+    def __init__(self, stage: str, message: str, transient: bool):
+        super().__init__(message)
+        self.stage = stage
+        self.transient = transient
+
+
+def stage_exit_status(output: str) -> int | None:
+    """The stage command's exit status, from DVC's "failed to run: ..., exited with N" line."""
+    found = re.findall(r"exited with (-?\d+)", output)
+    return int(found[-1]) if found else None
+
+
+def is_transient(status: int | None, output: str) -> bool:
+    """Whether a failure may pass on a retry: the stage was killed by a signal (a lost worker, the OOM
+    killer), hit an OS error (exit 75), or DVC's lock was held. Bad input, bad params and bugs exit 1."""
+    if status is None:
+        return DVC_LOCK_BUSY in output
+    return status < 0 or status == TRANSIENT_EXIT or status > 128
+
+
+def retry_when_transient(task, task_run, state) -> bool:
+    """Prefect retry condition: retry a stage only when its failure may pass."""
+    error = state.result(raise_on_failure=False)
+    return isinstance(error, StageFailed) and error.transient
+
+
+def stage_environment(extra: dict[str, str]) -> dict[str, str]:
     """The environment for `dvc repro`: this interpreter's bin folder first, so `python -m stages.*`
-    in dvc.yaml runs with the same packages as the flow."""
-    env = dict(os.environ)
+    in dvc.yaml runs with the same packages as the flow, plus `extra` (the MLflow run id)."""
+    env = {**os.environ, **extra}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
 
 
-def stream_lines(stream, logger) -> None:
-    """Send complete lines to the Prefect log; show progress-bar frames (text ending in \\r) live on a
-    terminal, redrawn in place and cleared before the next log line, and never log them."""
+def stream_lines(stream, logger, tail: deque) -> None:
+    """Send complete lines to the Prefect log (and keep the last ones in `tail`); show progress-bar frames
+    (text ending in \\r) live on a terminal, redrawn in place and cleared before the next log line, and
+    never log them."""
     live = sys.stderr.isatty()
     pending = ""
     for chunk in iter(lambda: stream.read1(4096), b""):
@@ -60,6 +111,7 @@ def stream_lines(stream, logger) -> None:
                 if live:
                     sys.stderr.write("\r\033[K")
                 logger.info(text)
+                tail.append(text)
         if "\r" in pending:
             done, pending = pending.rsplit("\r", 1)
             if live:
@@ -67,75 +119,152 @@ def stream_lines(stream, logger) -> None:
                 sys.stderr.flush()
     if pending.strip():
         logger.info(pending.strip())
+        tail.append(pending.strip())
 
 
 @task(cache_policy=NO_CACHE, persist_result=False, task_run_name="dvc repro {stage}")
-def repro_stage(stage: str, project_dir: str) -> None:
-    """Run `dvc repro <stage>` in `project_dir`; raise with the exit code if it fails."""
+def repro_stage(stage: str, project_dir: str, extra_env: dict[str, str]) -> None:
+    """Run `dvc repro <stage>` in `project_dir`; raise StageFailed, saying whether a retry may help."""
     logger = get_run_logger()
     command = [sys.executable, "-m", "dvc", "repro", stage]
     logger.info("$ %s", " ".join(command[2:]))
+    tail: deque[str] = deque(maxlen=40)
     with subprocess.Popen(
-        command, cwd=project_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=stage_environment()
+        command, cwd=project_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=stage_environment(extra_env)
     ) as process:
-        stream_lines(process.stdout, logger)
+        stream_lines(process.stdout, logger, tail)
         code = process.wait()
     if code != 0:
-        raise RuntimeError(f"`dvc repro {stage}` exited with code {code}; the lines above say why")
+        output = "\n".join(tail)
+        status = stage_exit_status(output)
+        transient = is_transient(status, output)
+        errors = [line for line in tail if "error" in line.lower()]
+        why = errors[-1] if errors else f"exit code {code}"
+        kind = "may pass on a retry" if transient else "will not pass by retrying"
+        raise StageFailed(stage, f"`dvc repro {stage}` failed ({kind}): {why}", transient)
 
 
-@task(cache_policy=NO_CACHE, persist_result=False)
-def record_in_mlflow(project_dir: str, stage_seconds: dict[str, float]) -> str:
-    """Record this execution as one MLflow run, with each stage's wall time; return the run id."""
-    paths = Paths.at(project_dir)
-    params = load_params(paths.params)
-    timings = {f"stage_seconds.{stage}": seconds for stage, seconds in stage_seconds.items()}
-    run_id = record_pipeline_run(paths, params, started_by="prefect", extra_metrics=timings)
-    get_run_logger().info("MLflow run %s in %s", run_id, tracking_uri(paths, params))
-    return run_id
-
-
-def report(metrics: dict, run_id: str, uri: str) -> str:
+def mlflow_hint(uri: str, run_id: str, experiment_id: str) -> str:
+    """Where the run is and the command that opens it."""
+    ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"open {uri}"
     return (
-        f"# Retrain report\n\n{comparison_markdown(metrics)}\n\nMLflow run `{run_id}` in `{uri}`; open it with "
-        f"`mlflow ui --backend-store-uri {uri}`.\n"
+        f"MLflow run `{run_id}` in `{uri}`: `{ui}`, then http://127.0.0.1:5000/#/experiments/{experiment_id}/"
+        f"runs/{run_id}"
     )
+
+
+def promotion_lines(record: dict) -> str:
+    name, version = record["registered_model"], record["version"]
+    if record.get("new_version") is False:
+        return f"No new version of `{name}`: {record['reason']}."
+    verdict = "**promoted to `champion`**" if record["promoted"] else f"**not promoted** (alias `{record['alias']}`)"
+    return f"`{name}` version {version}: {verdict}. Why: {record['reason']}."
+
+
+def trained_report(metrics: dict, record: dict, changes: str, hint: str, stage_seconds: dict) -> str:
+    timings = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in stage_seconds.items())
+    return (
+        f"# Retrain report: retrained\n\n## Comparison on the test set\n\n{comparison_markdown(metrics)}\n\n"
+        f"## Promotion\n\n{promotion_lines(record)}\n\n{hint}\n\n"
+        f"## What changed\n\n```\n{changes}\n```\n\nStage times (dvc repro, skips included): {timings}\n"
+    )
+
+
+def publish(markdown: str, description: str) -> None:
+    create_markdown_artifact(markdown, key=REPORT_KEY, description=description)
+
+
+def up_to_date(paths: Paths) -> dict:
+    """Report that nothing changed, naming the last recorded run; start nothing."""
+    last = read_json(paths.run_record) if paths.run_record.is_file() else {}
+    since = f" The last recorded run is `{last['run_id']}` in `{last['tracking_uri']}`." if last else ""
+    publish(
+        "# Retrain report: up to date\n\nNothing changed since dvc.lock was written (data, params and code "
+        f"all match), so nothing was trained and no MLflow run was started.{since}\n",
+        "up to date",
+    )
+    print("up to date: data, params and code match dvc.lock; nothing to retrain")
+    return {"state": "up to date", "run_id": None, "last_run_id": last.get("run_id")}
+
+
+def run_stages(paths: Paths, params: Params, run_id: str) -> dict[str, float]:
+    """Every stage in order through DVC, with the MLflow run id in their environment; seconds per stage."""
+    extra_env = {"MLFLOW_RUN_ID": run_id, "PIPELINE_STARTED_BY": "prefect"}
+    retrying = repro_stage.with_options(
+        retries=params.flow.stage_retries,
+        retry_delay_seconds=params.flow.retry_delay_seconds,
+        retry_condition_fn=retry_when_transient,
+    )
+    stage_seconds = {}
+    for stage in STAGES:
+        started = time.perf_counter()
+        retrying(stage, str(paths.root), extra_env)
+        stage_seconds[stage] = round(time.perf_counter() - started, 1)
+    return stage_seconds
+
+
+def retrain_changed(paths: Paths, params: Params, changes: str) -> dict:
+    """Run the stages into one MLflow run, close it, and publish the report."""
+    client = client_for(paths, params)
+    run_id = start_pipeline_run(paths, params, started_by="prefect", run_name=flow_run.get_name())
+    client.set_tag(run_id, "prefect.flow_run_id", str(flow_run.get_id()))
+    client.set_tag(run_id, "prefect.deployment", deployment.get_name() or "none (python -m flows.retrain)")
+    uri = shown_uri(tracking_uri(paths, params))
+    hint = mlflow_hint(uri, run_id, client.get_run(run_id).info.experiment_id)
+    try:
+        stage_seconds = run_stages(paths, params, run_id)
+    except Exception as exc:
+        client.set_terminated(run_id, status="FAILED")
+        publish(f"# Retrain report: failed\n\n{exc}\n\n{hint}\n\n## What changed\n\n```\n{changes}\n```\n", "failed")
+        raise
+    record = read_json(paths.run_record)
+    if record["run_id"] != run_id:  # record_run was up to date: nothing it reads changed
+        client.delete_run(run_id)
+        publish(f"# Retrain report: outputs unchanged\n\n```\n{changes}\n```\n", "outputs unchanged")
+        return {"state": "outputs unchanged", "run_id": record["run_id"], "seconds": stage_seconds}
+    for stage, seconds in stage_seconds.items():
+        client.log_metric(run_id, f"stage_seconds.{stage}", seconds)
+    client.set_terminated(run_id, status="FINISHED")
+    metrics = read_json(paths.eval_metrics)
+    if record.get("previous_champion"):
+        metrics["champion"] = record["previous_champion"]
+    publish(trained_report(metrics, record, changes, hint, stage_seconds), "retrained")
+    timings = ", ".join(f"{stage} {seconds:.0f}s" for stage, seconds in stage_seconds.items())
+    print(
+        f"\n{comparison_table(metrics)}\n\n{promotion_lines(record)}\n"
+        f"stage times (dvc repro, skips included): {timings}\n{hint}"
+    )
+    return {
+        "state": "retrained",
+        "run_id": run_id,
+        "metrics": metrics,
+        "promotion": record,
+        "stage_seconds": stage_seconds,
+    }
 
 
 @flow(name="retrain", log_prints=True)
 def retrain(project_dir: str = str(PROJECT_ROOT)) -> dict:
-    """Reproduce every stage with DVC, record the run in MLflow, report; return metrics and run id."""
+    """Retrain what changed in `project_dir`, record it and report; return the state, run id and metrics."""
     paths = Paths.at(project_dir)
     params = load_params(paths.params)
-    stage_seconds = {}
-    for stage in STAGES:
-        started = time.perf_counter()
-        repro_stage.with_options(
-            retries=params.flow.stage_retries, retry_delay_seconds=params.flow.retry_delay_seconds
-        )(stage, str(paths.root))
-        stage_seconds[stage] = round(time.perf_counter() - started, 1)
-    run_id = record_in_mlflow(str(paths.root), stage_seconds)
-    metrics = read_json(paths.eval_metrics)
-    champion = champion_metrics(paths, params)  # the registry's champion, if scored on this test set
-    if champion:
-        metrics["champion"] = champion
-    create_markdown_artifact(
-        report(metrics, run_id, tracking_uri(paths, params)),
-        key="retrain-report",
-        description="adapter vs base model vs mean price",
-    )
-    timings = ", ".join(f"{stage} {seconds:.0f}s" for stage, seconds in stage_seconds.items())
-    print(
-        f"\n{comparison_table(metrics)}\n\nstage times (dvc repro, skips included): {timings}\n"
-        f"MLflow run {run_id}; `make mlflow-ui` to browse it."
-    )
-    return {"run_id": run_id, "metrics": metrics, "stage_seconds": stage_seconds}
+    with workspace_lock(paths, params.flow.lock_wait_seconds, owner=f"flow run {flow_run.get_name()}"):
+        changes = pipeline_changes(paths.root, stage_environment({}))
+        if not changes:
+            return up_to_date(paths)
+        summary = describe_changes(changes)
+        print(f"changed since the last run:\n{summary}")
+        return retrain_changed(paths, params, summary)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the QLoRA pipeline through DVC and record it in MLflow.")
     parser.add_argument("--project-dir", default=str(PROJECT_ROOT), help="project root holding dvc.yaml")
     args = parser.parse_args(argv)
+    busy = busy_message(Paths.at(args.project_dir))  # fail fast, before Prefect starts a server
+    if busy:
+        print(f"retrain not started: {busy}", file=sys.stderr)
+        return 1
     try:
         retrain(project_dir=args.project_dir)
     except Exception as exc:  # the Prefect log above has the details; end with one clear line

@@ -1,18 +1,24 @@
-"""End to end: the Prefect flow drives every DVC stage in a temporary git repository and records the
-run in MLflow; a second `dvc repro` does nothing; params changes invalidate exactly the right stages."""
+"""End to end, in a temporary git repository against a real Prefect server on loopback: the flow drives
+every DVC stage and records the run in MLflow; a second run is "up to date" in seconds; a params change
+retrains and applies the promotion gate; a second flow on the busy workspace stops; new data retrains;
+`dvc repro` and `dvc exp run` alone are recorded too; `flows.serve` serves a deployment that runs."""
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT, write_project
+from tests.conftest import REPO_ROOT, price_rows, write_project
+from tests.prefect_server import prefect_server
 
 COPIED = (
     "stages",
@@ -24,7 +30,15 @@ COPIED = (
     ".gitignore",
     "data/raw/README.md",
 )
-ALL_STAGES = {"base_model", "split_data", "tokenize_data", "train_qlora", "evaluate_adapter", "export_hub"}
+ALL_STAGES = {
+    "base_model",
+    "split_data",
+    "tokenize_data",
+    "train_qlora",
+    "evaluate_adapter",
+    "export_hub",
+    "record_run",
+}
 
 
 def run(command: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
@@ -37,7 +51,17 @@ def run(command: list[str], cwd: Path, env: dict, check: bool = True) -> subproc
 
 
 @pytest.fixture(scope="module")
-def flow_project(tmp_path_factory, tiny_model_dir):
+def prefect_api(tmp_path_factory):
+    with prefect_server(tmp_path_factory.mktemp("prefect-server"), dict(os.environ)) as url:
+        yield url
+
+
+def flow(root: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "flows.retrain", "--project-dir", str(root)], root, env, check)
+
+
+@pytest.fixture(scope="module")
+def flow_project(tmp_path_factory, tiny_model_dir, prefect_api):
     root = tmp_path_factory.mktemp("e2e")
     for name in COPIED:
         source = REPO_ROOT / name
@@ -58,13 +82,14 @@ def flow_project(tmp_path_factory, tiny_model_dir):
         "GIT_COMMITTER_NAME": "t",
         "GIT_COMMITTER_EMAIL": "t@t",
     }
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("PREFECT_API_URL", None)
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "DVC_EXP_NAME", "DVC_ROOT", "PIPELINE_STARTED_BY"):
+        env.pop(name, None)
+    env["PREFECT_API_URL"] = prefect_api
     run(["git", "init", "-q"], root, env)
+    run([sys.executable, "-m", "dvc", "add", "-q", "data/raw/prices.csv"], root, env)  # as the README says
     run(["git", "add", "-A"], root, env)
     run(["git", "commit", "-qm", "tiny project"], root, env)
-    done = run([sys.executable, "-m", "flows.retrain", "--project-dir", str(root)], root, env)
-    return root, env, done
+    return root, env, flow(root, env)
 
 
 def test_flow_runs_every_stage_and_prints_the_table(flow_project):
@@ -99,6 +124,12 @@ def test_mlflow_holds_the_run_with_metrics_artifacts_and_lineage(flow_project):
     assert data.metrics["stage_seconds.train_qlora"] > 0
     assert len(client.get_metric_history(mlflow_run.info.run_id, "train_loss")) >= 5
     assert data.params["lora.r"] == "4" and data.params["train.learning_rate"] == "0.003"
+    assert mlflow_run.info.status == "FINISHED" and data.metrics["stage_seconds.record_run"] > 0
+    assert data.tags["lib.transformers"] and data.tags["prefect.flow_run_id"]
+    assert data.tags["dvc.dep.split_data.data/raw"] and data.tags["registry.version"] == "1"
+    record = json.loads((root / "reports" / "mlflow_run.json").read_text())
+    assert record["run_id"] == mlflow_run.info.run_id and record["started_by"] == "prefect"
+    assert data.tags["promotion.alias"] == record["alias"] == expected_alias(evaluation, None)
     head = run(["git", "rev-parse", "HEAD"], root, env).stdout.strip()
     assert data.tags["git.commit"] == head and data.tags["started_by"] == "prefect"
     lock = yaml.safe_load((root / "dvc.lock").read_text())
@@ -135,12 +166,13 @@ def stages_to_rerun(root: Path, env: dict, section: str, key: str, value) -> set
     return set(re.findall(r"Running stage '(\w+)'", dry))
 
 
-def test_learning_rate_change_invalidates_train_evaluate_export_only(flow_project):
+def test_learning_rate_change_invalidates_train_evaluate_export_record_only(flow_project):
     root, env, _ = flow_project
     assert stages_to_rerun(root, env, "train", "learning_rate", 0.001) == {
         "train_qlora",
         "evaluate_adapter",
         "export_hub",
+        "record_run",
     }
 
 
@@ -149,29 +181,168 @@ def test_split_seed_change_invalidates_from_split_on(flow_project):
     assert stages_to_rerun(root, env, "data", "seed", 8) == ALL_STAGES - {"base_model"}
 
 
-def test_champion_row_comes_from_the_registry_when_scored_on_the_same_test_set(flow_project):
+def expected_alias(evaluation: dict, champion) -> str:
+    """What the promotion rule says for these metrics (the gate's own tests pin the rule itself)."""
+    from stages.core.registry import Gate, decide
+
+    gate = Gate("avg_error", greater_is_better=False, min_improvement=0.0)
+    test_hash = "same"
+    return decide(
+        gate, evaluation["adapter"]["avg_error"], evaluation["base_zero_shot"]["avg_error"], champion, test_hash
+    ).alias
+
+
+def mlflow_client(root: Path):
     from mlflow import MlflowClient
 
-    from stages.core.config import load_params
-    from stages.core.paths import Paths
-    from stages.core.report import comparison_table
-    from stages.core.tracking import champion_metrics
+    return MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
 
-    root, _, _ = flow_project
-    paths = Paths.at(root)
-    params = load_params(paths.params)
-    assert champion_metrics(paths, params) is None  # nothing registered yet
-    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
-    (mlflow_run,) = client.search_runs([client.get_experiment_by_name("qlora-price").experiment_id])
-    name = params.tracking.registered_model
-    client.create_registered_model(name)
-    version = client.create_model_version(name, f"runs:/{mlflow_run.info.run_id}/adapter", mlflow_run.info.run_id)
-    client.set_registered_model_alias(name, "champion", version.version)
 
-    champion = champion_metrics(paths, params)
-    evaluation = json.loads((root / "metrics" / "eval.json").read_text())
-    assert champion["avg_error"] == pytest.approx(evaluation["adapter"]["avg_error"])
-    assert "current champion (MLflow)" in comparison_table({**evaluation, "champion": champion})
+def all_runs(root: Path) -> list:
+    client = mlflow_client(root)
+    return client.search_runs([client.get_experiment_by_name("qlora-price").experiment_id])
 
-    client.set_tag(mlflow_run.info.run_id, "data.test_sha256", "another-test-set")
-    assert champion_metrics(paths, params) is None
+
+def set_param(root: Path, section: str, key: str, value) -> None:
+    params_path = root / "params.yaml"
+    params = yaml.safe_load(params_path.read_text())
+    params[section][key] = value
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def latest_report(root: Path, env: dict) -> str:
+    """The newest `retrain-report` Markdown artifact, read back from the Prefect server."""
+    done = run([sys.executable, "-m", "prefect", "artifact", "inspect", "retrain-report", "--limit", "1"], root, env)
+    return done.stdout
+
+
+def test_a_run_with_nothing_changed_is_up_to_date_in_seconds(flow_project):
+    root, env, _ = flow_project
+    runs_before = len(all_runs(root))
+    adapter = root / "models" / "adapter" / "adapter_model.safetensors"
+    before = adapter.stat().st_mtime_ns
+    started = time.monotonic()
+    done = flow(root, env)
+    seconds = time.monotonic() - started
+    print(f"no-op retrain through the flow: {seconds:.1f} s")
+    assert "up to date: data, params and code match dvc.lock" in done.stdout + done.stderr
+    assert "dvc repro" not in done.stdout + done.stderr  # no stage task ran
+    assert len(all_runs(root)) == runs_before and adapter.stat().st_mtime_ns == before
+    assert "Retrain report: up to date" in latest_report(root, env)
+    assert seconds < 60  # process start and Prefect import included; the check itself is `dvc status`
+
+
+def test_a_second_flow_on_a_busy_workspace_stops_and_the_first_finishes(flow_project):
+    root, env, _ = flow_project
+    client = mlflow_client(root)
+    # The tiny model's adapter ties with the base model (neither writes a number yet), so version 1 was
+    # a challenger. Make it a poor champion by hand, as a user promoting it would, for the new one to beat.
+    first_version = client.get_model_version("qlora-price-adapter", "1")
+    client.set_registered_model_alias("qlora-price-adapter", "champion", "1")
+    client.log_metric(first_version.run_id, "eval.adapter.avg_error", 1.0e9)
+    set_param(root, "train", "learning_rate", 0.005)  # retrains; same test set, so the gate compares
+    first = subprocess.Popen(
+        [sys.executable, "-m", "flows.retrain", "--project-dir", str(root)],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lock = root / ".cache" / "retrain.lock"
+    deadline = time.monotonic() + 120
+    while not (lock.is_file() and lock.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    second = flow(root, env, check=False)
+    output, _ = first.communicate(timeout=600)
+    assert second.returncode == 1
+    assert "retrain not started: another retrain is running" in second.stderr and f"pid {first.pid}" in second.stderr
+    assert first.returncode == 0, output[-4000:]
+    assert "up to date" in run([sys.executable, "-m", "dvc", "status"], root, env).stdout
+    assert len(all_runs(root)) == 2 and all(r.info.status == "FINISHED" for r in all_runs(root))
+
+    record = json.loads((root / "reports" / "mlflow_run.json").read_text())
+    assert record["version"] == "2" and record["promoted"] and "for champion v1: better by" in record["reason"]
+    assert str(client.get_model_version_by_alias("qlora-price-adapter", "champion").version) == "2"
+    assert "current champion (MLflow)" in output and record["reason"] in output  # the table and the verdict
+    report = latest_report(root, env)
+    assert "Retrain report: retrained" in report and "promoted to `champion`" in report and record["run_id"] in report
+
+
+def test_new_rows_retrain_from_the_split_and_register_a_version(flow_project):
+    import pandas as pd
+
+    root, env, _ = flow_project
+    raw = root / "data" / "raw" / "prices.csv"
+    rows = pd.read_csv(raw)
+    more = pd.DataFrame(price_rows(120, seed=1)[90:])  # 30 new products
+    more["text"] = more["text"].str.replace("model", "edition")
+    pd.concat([rows, more]).to_csv(raw, index=False)
+    done = flow(root, env)
+    output = done.stdout + done.stderr
+    assert "split_data: changed deps: data/raw modified" in output
+    record = json.loads((root / "reports" / "mlflow_run.json").read_text())
+    assert record["version"] == "3" and record["reason"] in output
+    print(f"new rows: version 3 is {record['alias']}: {record['reason']}")
+    test_set_changed = record["previous_champion"] is None  # champion v2 was scored on the old test split
+    assert ("another test set" in record["reason"]) == test_set_changed
+    tracked = yaml.safe_load((root / "data" / "raw" / "prices.csv.dvc").read_text())["outs"][0]
+    assert tracked["md5"] == hashlib.md5(raw.read_bytes()).hexdigest()  # DVC cached the new version
+    assert json.loads((root / "metrics" / "data.json").read_text())["rows_in"] == 120
+
+
+def test_dvc_repro_alone_is_recorded_with_how_it_started(flow_project):
+    root, env, _ = flow_project
+    set_param(root, "tracking", "min_improvement", 1.0)  # re-runs record_run only: cheap
+    done = run([sys.executable, "-m", "dvc", "repro"], root, env)
+    assert set(re.findall(r"Running stage '(\w+)'", done.stdout)) == {"record_run"}
+    newest = max(all_runs(root), key=lambda r: r.info.start_time)
+    assert newest.data.tags["started_by"] == "dvc repro" and newest.info.status == "FINISHED"
+    assert newest.data.params["tracking.min_improvement"] == "1.0"
+    record = json.loads((root / "reports" / "mlflow_run.json").read_text())
+    assert record["new_version"] is False and "same adapter as version 3" in record["reason"]
+
+
+def test_dvc_exp_run_is_recorded_with_the_experiment_name(flow_project):
+    root, env, _ = flow_project
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "after the retrains"], root, env)
+    run([sys.executable, "-m", "dvc", "exp", "run", "-n", "margin-2", "-S", "tracking.min_improvement=2.0"], root, env)
+    newest = max(all_runs(root), key=lambda r: r.info.start_time)
+    assert newest.data.tags["started_by"] == "dvc exp run" and newest.data.tags["dvc.exp_name"] == "margin-2"
+    assert newest.data.params["tracking.min_improvement"] == "2.0"
+
+
+def test_served_deployment_runs_on_demand_and_pauses_when_stopped(flow_project):
+    root, env, _ = flow_project
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "flows.serve", "--project-dir", str(root), "--cron", "0 3 * * *"],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        listed = ""
+        while "scheduled-retrain" not in listed and time.monotonic() < deadline:
+            time.sleep(2)
+            listed = run([sys.executable, "-m", "prefect", "deployment", "ls"], root, env, check=False).stdout
+        assert "scheduled-retrain" in listed
+        set_param(root, "tracking", "min_improvement", 3.0)  # something to do: record_run re-runs
+        for expected in ("Retrain report: retrained", "Retrain report: up to date"):
+            started = time.monotonic()
+            done = run(
+                [sys.executable, "-m", "prefect", "deployment", "run", "retrain/scheduled-retrain", "--watch"],
+                root,
+                env,
+            )
+            print(f"deployment run ({expected}): {time.monotonic() - started:.1f} s")
+            assert "Completed" in done.stdout + done.stderr
+            assert expected in latest_report(root, env)
+    finally:
+        serve.send_signal(signal.SIGINT)
+        output, _ = serve.communicate(timeout=60)
+    inspected = run([sys.executable, "-m", "prefect", "deployment", "inspect", "retrain/scheduled-retrain"], root, env)
+    assert "'paused': True" in inspected.stdout, output[-3000:]

@@ -10,6 +10,8 @@ from stages.core.config import ConfigError, Params, load_params
 from stages.core.io import InputError
 from stages.core.paths import Paths
 
+TRANSIENT_EXIT = 75  # EX_TEMPFAIL in sysexits.h: try again later
+
 
 class StageError(RuntimeError):
     """A failure the user can act on: bad input, a missing file, an impossible setting."""
@@ -19,7 +21,8 @@ def run_stage(name: str, run: Callable[[Params, Paths], object], argv: list[str]
     """Run `run(params, paths)` from the current directory; print its result; return an exit code.
 
     Expected failures (bad params, bad input, missing files) end in one line naming the problem and exit
-    code 1; anything else is a bug and keeps its traceback.
+    code 1; other OS errors (a lost file handle, a full disk being cleared) may pass and exit with
+    TRANSIENT_EXIT, which the flow retries; anything else is a bug and keeps its traceback.
     """
     del argv  # stages take no flags: every setting lives in params.yaml so DVC sees it
     started = time.perf_counter()
@@ -30,5 +33,8 @@ def run_stage(name: str, run: Callable[[Params, Paths], object], argv: list[str]
     except (ConfigError, StageError, InputError, FileNotFoundError) as exc:
         print(f"[{name}] error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        print(f"[{name}] error that may pass on a retry: {exc}", file=sys.stderr)
+        return TRANSIENT_EXIT
     print(f"[{name}] done in {time.perf_counter() - started:.1f}s: {result}")
     return 0

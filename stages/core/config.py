@@ -114,12 +114,28 @@ class TrackingConfig:
     experiment: str = "qlora-price"
     registered_model: str = "qlora-price-adapter"  # MLflow registry name; its `champion` alias is compared
     tracking_uri: str | None = None  # default: sqlite:///<project root>/mlflow.db
+    primary_metric: str = "avg_error"  # key of the adapter's row in metrics/eval.json that decides promotion
+    greater_is_better: bool = False
+    min_improvement: float = 0.0  # in the metric's units: a challenger must beat the champion by more
+
+    def __post_init__(self):
+        if self.min_improvement < 0:
+            raise ConfigError(f"tracking.min_improvement: must be >= 0, got {self.min_improvement}")
 
 
 @dataclass(frozen=True)
 class FlowConfig:
     stage_retries: int = 0
     retry_delay_seconds: int = 10
+    schedule: str = "0 3 * * *"  # cron for `python -m flows.serve`
+    timezone: str = "UTC"
+    deployment: str = "scheduled-retrain"
+    lock_wait_seconds: int = 0  # a second retrain on this workspace waits this long for the first, then stops
+
+    def __post_init__(self):
+        for key in ("stage_retries", "retry_delay_seconds", "lock_wait_seconds"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"flow.{key}: must be >= 0, got {getattr(self, key)}")
 
 
 @dataclass(frozen=True)

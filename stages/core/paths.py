@@ -95,6 +95,16 @@ class Paths:
     def export(self) -> Path:
         return self.root / "export"
 
+    # record_run
+    @property
+    def run_record(self) -> Path:
+        return self.root / "reports" / "mlflow_run.json"
+
+    # flows: one retrain at a time per workspace
+    @property
+    def workspace_lock(self) -> Path:
+        return self.root / ".cache" / "retrain.lock"
+
     # tracking
     @property
     def mlflow_db(self) -> Path:

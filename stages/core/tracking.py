@@ -15,20 +15,38 @@ import json
 import os
 import subprocess
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
 from stages.core.config import Params, flatten
 from stages.core.io import read_json
 from stages.core.paths import Paths
+from stages.core.registry import CHAMPION, TEST_HASH_TAG
 
 MAX_PARAM_LENGTH = 250  # MLflow rejects longer parameter values
 METRIC_FILES = ("data_metrics", "token_metrics", "train_metrics", "eval_metrics")
 LOSS_COLUMNS = ("train_loss", "val_loss", "learning_rate", "grad_norm", "tokens_seen")
+LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "trl", "datasets", "dvc", "mlflow", "prefect")
+
+
+def store_root(paths: Paths) -> Path:
+    """Where the default MLflow store lives: the project root, or under `dvc exp run --temp/--queue` (which
+    runs in a temporary copy) the workspace DVC names in $DVC_ROOT, so every run lands in one store."""
+    return Path(os.environ.get("DVC_ROOT") or paths.root)
 
 
 def tracking_uri(paths: Paths, params: Params) -> str:
-    return params.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{paths.mlflow_db}"
+    default = f"sqlite:///{store_root(paths) / paths.mlflow_db.name}"
+    return params.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default
+
+
+def shown_uri(uri: str) -> str:
+    """`uri` without a password, for logs, reports and files (postgresql://user:secret@host -> user:***@host)."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
 
 
 def numeric_leaves(data: dict, prefix: str = "") -> dict[str, float]:
@@ -56,7 +74,7 @@ def git_tags(root: Path) -> dict[str, str]:
 
 
 def dvc_lock_tags(root: Path) -> dict[str, str]:
-    """Lineage from dvc.lock: the md5 of every stage output and a digest of each stage's params."""
+    """Lineage from dvc.lock: the md5 of every stage's deps and outputs, and a digest of its params."""
     lock_path = root / "dvc.lock"
     if not lock_path.is_file():
         return {}
@@ -65,6 +83,8 @@ def dvc_lock_tags(root: Path) -> dict[str, str]:
     for stage, entry in (lock.get("stages") or {}).items():
         for out in entry.get("outs") or []:
             tags[f"dvc.out.{out['path']}"] = out.get("md5", "")
+        for dep in entry.get("deps") or []:
+            tags[f"dvc.dep.{stage}.{dep['path']}"] = dep.get("md5", "")
         if entry.get("params"):
             digest = hashlib.sha256(json.dumps(entry["params"], sort_keys=True).encode()).hexdigest()[:16]
             tags[f"dvc.params.{stage}"] = digest
@@ -85,11 +105,13 @@ def loss_history(path: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def log_step_metrics(client, run_id: str, series: dict[str, list[tuple[int, float]]]) -> None:
+    """Log per-step series, skipping any the run already has (streamed live by train_qlora)."""
     from mlflow.entities import Metric
 
     metrics = [
         Metric(key=name, value=value, timestamp=0, step=step)
         for name, points in series.items()
+        if points and not client.get_metric_history(run_id, name)
         for step, value in points
     ]
     for start in range(0, len(metrics), 1000):  # log_batch takes at most 1000 metrics
@@ -100,11 +122,21 @@ def experiment_id(client, paths: Paths, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=paths.mlflow_artifacts.as_uri())
+    artifacts = store_root(paths) / paths.mlflow_artifacts.name
+    return client.create_experiment(name, artifact_location=artifacts.as_uri())
 
 
-CHAMPION_ALIAS = "champion"
-TEST_HASH_TAG = "data.test_sha256"
+def library_tags() -> dict[str, str]:
+    """The versions of the libraries that shape a run's result."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    tags = {}
+    for package in LIBRARIES:
+        try:
+            tags[f"lib.{package}"] = version(package)
+        except PackageNotFoundError:
+            tags[f"lib.{package}"] = "not installed"
+    return tags
 
 
 def test_set_hash(paths: Paths) -> str | None:
@@ -112,15 +144,20 @@ def test_set_hash(paths: Paths) -> str | None:
     return read_json(paths.data_metrics)["test"]["sha256"] if paths.data_metrics.is_file() else None
 
 
+def client_for(paths: Paths, params: Params):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri(paths, params))
+
+
 def champion_metrics(paths: Paths, params: Params) -> dict[str, float] | None:
     """The evaluation metrics of the registry's `champion` version of `tracking.registered_model`, when
     it exists and was scored on the same test set (same sha256) as this workspace; else None."""
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    client = MlflowClient(tracking_uri=tracking_uri(paths, params))
+    client = client_for(paths, params)
     try:
-        version = client.get_model_version_by_alias(params.tracking.registered_model, CHAMPION_ALIAS)
+        version = client.get_model_version_by_alias(params.tracking.registered_model, CHAMPION)
     except MlflowException:
         return None  # no registered model, or no champion yet
     run = client.get_run(version.run_id)
@@ -131,39 +168,63 @@ def champion_metrics(paths: Paths, params: Params) -> dict[str, float] | None:
     return {key.removeprefix(prefix): value for key, value in run.data.metrics.items() if key.startswith(prefix)}
 
 
-def record_pipeline_run(
-    paths: Paths, params: Params, started_by: str, run_name: str | None = None, extra_metrics: dict | None = None
-) -> str:
-    """Log this pipeline execution as one MLflow run (plus `extra_metrics`, e.g. stage times); return its id."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri(paths, params))
-    tags = {"started_by": started_by, **git_tags(paths.root), **dvc_lock_tags(paths.root)}
-    test_hash = test_set_hash(paths)
-    if test_hash:
-        tags[TEST_HASH_TAG] = test_hash
+def start_pipeline_run(paths: Paths, params: Params, started_by: str, run_name: str | None = None) -> str:
+    """Open an MLflow run for one pipeline execution, tagged with how it started; return its id.
+    Stages log into it while they run when its id is in $MLFLOW_RUN_ID."""
+    client = client_for(paths, params)
+    tags = {"started_by": started_by, **git_tags(paths.root), **library_tags()}
     run = client.create_run(experiment_id(client, paths, params.tracking.experiment), run_name=run_name, tags=tags)
-    run_id = run.info.run_id
+    return run.info.run_id
+
+
+def record_pipeline_run(
+    paths: Paths,
+    params: Params,
+    started_by: str,
+    run_id: str | None = None,
+    run_name: str | None = None,
+    extra_metrics: dict | None = None,
+) -> str:
+    """Log this pipeline execution into run `run_id` (or a new run): params, every metric the stages wrote,
+    the loss curve, the adapter, charts and model card, and lineage tags (git, dvc.lock hashes, test-set
+    hash, library versions). A run this call created is ended here; an adopted one stays open for its
+    owner. Returns the run id."""
+    client = client_for(paths, params)
+    created = run_id is None
+    if created:
+        run_id = start_pipeline_run(paths, params, started_by, run_name)
     try:
-        for key, value in flatten(params).items():
-            client.log_param(run_id, key, str(value)[:MAX_PARAM_LENGTH])
-        for attribute in METRIC_FILES:
-            path = getattr(paths, attribute)
-            if path.is_file():
-                for key, value in numeric_leaves(read_json(path), f"{path.stem}.").items():
-                    client.log_metric(run_id, key, value)
-        for key, value in (extra_metrics or {}).items():
-            client.log_metric(run_id, key, value)
-        log_step_metrics(client, run_id, loss_history(paths.loss_plot))
-        client.log_artifact(run_id, str(paths.params))
-        for folder, destination in ((paths.adapter, "adapter"), (paths.root / "reports", "plots")):
-            if folder.is_dir():
-                client.log_artifacts(run_id, str(folder), destination)
-        for file in (paths.export / "README.md", paths.predictions, paths.root / "dvc.lock"):
-            if file.is_file():
-                client.log_artifact(run_id, str(file), "model_card" if file.name == "README.md" else None)
+        log_execution(client, run_id, paths, params, extra_metrics or {})
     except Exception:
         client.set_terminated(run_id, status="FAILED")
         raise
-    client.set_terminated(run_id, status="FINISHED")
+    if created:
+        client.set_terminated(run_id, status="FINISHED")
     return run_id
+
+
+def log_execution(client, run_id: str, paths: Paths, params: Params, extra_metrics: dict) -> None:
+    tags = {**git_tags(paths.root), **dvc_lock_tags(paths.root)}
+    test_hash = test_set_hash(paths)
+    if test_hash:
+        tags[TEST_HASH_TAG] = test_hash
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    for key, value in flatten(params).items():
+        client.log_param(run_id, key, str(value)[:MAX_PARAM_LENGTH])
+    for attribute in METRIC_FILES:
+        path = getattr(paths, attribute)
+        if path.is_file():
+            for key, value in numeric_leaves(read_json(path), f"{path.stem}.").items():
+                client.log_metric(run_id, key, value)
+    for key, value in extra_metrics.items():
+        client.log_metric(run_id, key, value)
+    log_step_metrics(client, run_id, loss_history(paths.loss_plot))
+    client.log_artifact(run_id, str(paths.params))
+    if paths.adapter.is_dir():
+        client.log_artifacts(run_id, str(paths.adapter), "adapter")
+    for file in sorted((paths.root / "reports").glob("*.png")):
+        client.log_artifact(run_id, str(file), "plots")
+    for file in (paths.export / "README.md", paths.predictions, paths.root / "dvc.lock"):
+        if file.is_file():
+            client.log_artifact(run_id, str(file), "model_card" if file.name == "README.md" else None)

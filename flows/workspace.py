@@ -1,0 +1,123 @@
+"""What the flows need to know about a project folder: who holds it, and whether DVC has anything to do.
+
+- `workspace_lock(paths, wait_seconds, owner)`: one retrain at a time per workspace. A second one waits up to
+  `wait_seconds` for the first, then stops with `WorkspaceBusy` naming the holder (pid, host, start time,
+  flow run), so dvc.lock, the DVC cache and mlflow.db only ever have one writer. The lock is an OS file
+  lock on .cache/retrain.lock: it dies with its process, so a killed run never leaves a stale lock.
+- `pipeline_changes(root)`: `dvc status --json`, i.e. the stages whose data, params or code changed since
+  dvc.lock was written; empty when the pipeline is up to date.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+from stages.core.paths import Paths
+
+
+class WorkspaceBusy(RuntimeError):
+    """Another retrain holds this workspace."""
+
+
+class DvcStatusFailed(RuntimeError):
+    """`dvc status` could not tell what changed."""
+
+
+def _try_lock(handle) -> bool:
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _holder(lock_file: Path) -> str:
+    try:
+        info = json.loads(lock_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "holder unknown"
+    return f"pid {info['pid']} on {info['host']}, {info['owner']}, since {info['since']}"
+
+
+@contextmanager
+def workspace_lock(paths: Paths, wait_seconds: float, owner: str):
+    """Hold the workspace for one retrain; wait up to `wait_seconds` for another one, then raise WorkspaceBusy."""
+    lock_file = paths.workspace_lock
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with lock_file.open("a+", encoding="utf-8") as handle:
+        deadline = time.monotonic() + wait_seconds
+        while not _try_lock(handle):
+            if time.monotonic() >= deadline:
+                waited = f" after waiting {wait_seconds:g} s" if wait_seconds else ""
+                raise WorkspaceBusy(
+                    f"another retrain is running on {paths.root} ({_holder(lock_file)}){waited}; "
+                    "let it finish (or stop it) and run again, or set flow.lock_wait_seconds to wait for it"
+                )
+            time.sleep(min(1.0, max(deadline - time.monotonic(), 0.05)))
+        handle.truncate(0)
+        since = datetime.now(UTC).isoformat(timespec="seconds")
+        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "owner": owner, "since": since}))
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.truncate(0)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def busy_message(paths: Paths) -> str | None:
+    """Why a retrain cannot start now (another one holds the workspace), or None; takes nothing."""
+    if not paths.workspace_lock.is_file():
+        return None
+    with paths.workspace_lock.open("a+", encoding="utf-8") as handle:
+        if _try_lock(handle):
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return None
+    return f"another retrain is running on {paths.root} ({_holder(paths.workspace_lock)})"
+
+
+def pipeline_changes(root: Path, env: dict[str, str] | None = None) -> dict:
+    """`dvc status --json` in `root`: {stage: [what changed]}; {} when everything is up to date."""
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", "status", "--json"], cwd=root, env=env, capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise DvcStatusFailed(f"`dvc status` failed in {root}: {(done.stderr or done.stdout).strip()[-2000:]}")
+    return json.loads(done.stdout or "{}")
+
+
+def describe_changes(changes: dict) -> str:
+    """One line per changed stage: `train_qlora: changed params (train), changed deps (stages/core)`."""
+    lines = []
+    for stage, entries in changes.items():
+        parts = []
+        for entry in entries:
+            if isinstance(entry, str):
+                parts.append(entry)
+                continue
+            for kind, detail in entry.items():
+                names = ", ".join(f"{name} {state}" for name, state in _flatten(detail))
+                parts.append(f"{kind}: {names}" if names else kind)
+        lines.append(f"{stage}: {'; '.join(parts)}")
+    return "\n".join(lines)
+
+
+def _flatten(detail) -> list[tuple[str, str]]:
+    if not isinstance(detail, dict):
+        return []
+    pairs = []
+    for name, state in detail.items():
+        if isinstance(state, dict):  # params: {"params.yaml": {"train.learning_rate": "modified"}}
+            pairs.extend((f"{name} {key}", value) for key, value in _flatten(state))
+        else:
+            pairs.append((name, str(state)))
+    return pairs

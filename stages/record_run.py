@@ -1,0 +1,91 @@
+"""Stage `record_run`: record this pipeline execution in MLflow, register the adapter, apply the promotion gate.
+
+Runs last, whenever any output it reads changed, so every execution that did something is one MLflow run,
+whether it was started by the Prefect flow, `dvc repro` or `dvc exp run`:
+- the run: the flow's (its id in $MLFLOW_RUN_ID, where train_qlora streamed the loss curve live), or a new
+  one tagged `started_by` = "dvc repro" / "dvc exp run" and `dvc.exp_name` = $DVC_EXP_NAME;
+- params, metrics/*.json, the loss curve, the adapter, charts, model card, dvc.lock, and lineage tags;
+- a registry version of `tracking.registered_model` for a new adapter (identical adapter bytes reuse
+  their version), which takes `champion` or `challenger` by the rule in stages/core/registry.py.
+Reads everything the other stages wrote and params `tracking`. Writes reports/mlflow_run.json: run id,
+store, version, alias, the reason, and the previous champion's metrics for the report.
+
+Run: `python -m stages.record_run` (or `dvc repro record_run`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from stages.core.cli import StageError, run_stage
+from stages.core.config import Params
+from stages.core.io import read_json, write_json
+from stages.core.paths import Paths
+from stages.core.registry import register_adapter
+from stages.core.tracking import (
+    champion_metrics,
+    client_for,
+    record_pipeline_run,
+    shown_uri,
+    test_set_hash,
+    tracking_uri,
+)
+
+
+@dataclass(frozen=True)
+class Result:
+    run_id: str
+    version: str
+    alias: str | None
+    reason: str
+
+
+def how_started() -> tuple[str, dict[str, str]]:
+    """`started_by` for a new run, and tags naming the DVC experiment when `dvc exp run` started it."""
+    experiment = os.environ.get("DVC_EXP_NAME")
+    started_by = os.environ.get("PIPELINE_STARTED_BY") or ("dvc exp run" if experiment else "dvc repro")
+    return started_by, ({"dvc.exp_name": experiment} if experiment else {})
+
+
+def run(params: Params, paths: Paths) -> Result:
+    """Record the execution, register the adapter and decide its alias; write reports/mlflow_run.json."""
+    for needed in (paths.adapter / "adapter_config.json", paths.eval_metrics, paths.data_metrics):
+        if not needed.is_file():
+            raise StageError(f"{needed}: missing; run the stages before record_run (`dvc repro`)")
+    started_by, extra_tags = how_started()
+    previous_champion = champion_metrics(paths, params)  # before this run can move the alias
+    run_id = record_pipeline_run(paths, params, started_by, run_id=os.environ.get("MLFLOW_RUN_ID"))
+    client = client_for(paths, params)
+    for key, value in extra_tags.items():
+        client.set_tag(run_id, key, value)
+    try:
+        decision = register_adapter(
+            client, params.tracking, run_id, paths.adapter, read_json(paths.eval_metrics), test_set_hash(paths)
+        )
+    except KeyError as exc:
+        raise StageError(exc.args[0]) from exc
+    write_json(
+        paths.run_record,
+        {
+            "run_id": run_id,
+            "tracking_uri": shown_uri(tracking_uri(paths, params)),
+            "registered_model": params.tracking.registered_model,
+            "started_by": started_by,
+            **extra_tags,
+            **decision,
+            "previous_champion": previous_champion,
+        },
+    )
+    verdict = "promoted to champion" if decision["promoted"] else f"alias {decision['alias'] or 'unchanged'}"
+    print(f"MLflow run {run_id}; {params.tracking.registered_model} v{decision['version']}: {verdict}")
+    print(f"  why: {decision['reason']}")
+    return Result(run_id, decision["version"], decision["alias"], decision["reason"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage("record_run", run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

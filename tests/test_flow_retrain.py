@@ -1,0 +1,43 @@
+"""Which stage failures the flow retries: those that may pass, never bad input, params or code."""
+
+import pytest
+
+from flows.retrain import StageFailed, is_transient, retry_when_transient, stage_exit_status
+
+DVC_FAILED = "ERROR: failed to reproduce 'train_qlora': failed to run: python -m stages.train_qlora, exited with {}"
+
+
+@pytest.mark.parametrize(
+    ("status", "transient"),
+    [
+        (1, False),  # bad input, bad params, or an uncaught exception (a bug)
+        (2, False),
+        (75, True),  # an OS error in the stage (stages/core/cli.TRANSIENT_EXIT)
+        (-9, True),  # SIGKILL: the OOM killer, a lost worker
+        (137, True),
+    ],
+)
+def test_stage_exit_status_decides_the_retry(status, transient):
+    output = "[train_qlora] some log line\n" + DVC_FAILED.format(status)
+    assert stage_exit_status(output) == status
+    assert is_transient(stage_exit_status(output), output) is transient
+
+
+def test_dvc_lock_contention_is_transient():
+    output = "ERROR: Unable to acquire lock. Most likely another DVC process is running"
+    assert stage_exit_status(output) is None and is_transient(None, output)
+    assert not is_transient(None, "ERROR: unexpected error")
+
+
+class FailedState:
+    def __init__(self, error):
+        self.error = error
+
+    def result(self, raise_on_failure=True):
+        return self.error
+
+
+def test_retry_condition_reads_the_stage_failure():
+    assert retry_when_transient(None, None, FailedState(StageFailed("x", "killed", transient=True)))
+    assert not retry_when_transient(None, None, FailedState(StageFailed("x", "bad input", transient=False)))
+    assert not retry_when_transient(None, None, FailedState(ValueError("a bug in the flow")))

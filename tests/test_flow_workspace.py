@@ -1,0 +1,82 @@
+"""One retrain per workspace at a time, and reading `dvc status`."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from flows.workspace import WorkspaceBusy, busy_message, describe_changes, workspace_lock
+from stages.core.paths import Paths
+
+HOLD = """
+import sys, time
+from flows.workspace import workspace_lock
+from stages.core.paths import Paths
+with workspace_lock(Paths.at(sys.argv[1]), 0, owner="flow run first-run"):
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def hold_lock(root, seconds: float) -> subprocess.Popen:
+    """Another process holding the workspace for `seconds`; returns once it holds it."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(root), str(seconds)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_retrain_stops_with_the_holder_named(tmp_path):
+    holder = hold_lock(tmp_path, 30)
+    try:
+        busy = pytest.raises(WorkspaceBusy, match=rf"pid {holder.pid} .*flow run first-run.*let it finish")
+        with busy, workspace_lock(Paths.at(tmp_path), 0, owner="second"):
+            pass
+        assert f"pid {holder.pid}" in busy_message(Paths.at(tmp_path))
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_second_retrain_waits_for_the_first_when_asked(tmp_path):
+    holder = hold_lock(tmp_path, 1.5)
+    started = time.monotonic()
+    with workspace_lock(Paths.at(tmp_path), 30, owner="second"):
+        waited = time.monotonic() - started
+        assert "second" in busy_message(Paths.at(tmp_path))
+    holder.wait()
+    assert 0.5 < waited < 30
+
+
+def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
+    holder = hold_lock(tmp_path, 30)
+    holder.kill()
+    holder.wait()
+    assert busy_message(Paths.at(tmp_path)) is None
+    with workspace_lock(Paths.at(tmp_path), 0, owner="after a crash"):
+        pass
+
+
+def test_flow_refuses_to_start_on_a_busy_workspace(tmp_path, capsys):
+    from flows import retrain
+
+    holder = hold_lock(tmp_path, 30)
+    try:
+        assert retrain.main(["--project-dir", str(tmp_path)]) == 1
+    finally:
+        holder.kill()
+        holder.wait()
+    assert "retrain not started: another retrain is running" in capsys.readouterr().err
+
+
+def test_dvc_status_is_described_one_line_per_stage():
+    status = {
+        "train_qlora": [{"changed deps": {"params.yaml": {"train.learning_rate": "modified"}}}],
+        "split_data": [{"changed deps": {"data/raw": "modified"}}, {"changed outs": {"data/splits": "deleted"}}],
+        "export_hub": ["always changed"],
+    }
+    assert describe_changes(status).splitlines() == [
+        "train_qlora: changed deps: params.yaml train.learning_rate modified",
+        "split_data: changed deps: data/raw modified; changed outs: data/splits deleted",
+        "export_hub: always changed",
+    ]

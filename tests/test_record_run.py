@@ -1,0 +1,95 @@
+"""Stage record_run: one MLflow run per execution, tagged with how it started, and the adapter registered."""
+
+import json
+import shutil
+
+import pytest
+
+from stages import record_run
+from stages.core.paths import Paths
+from tests.conftest import REPO_ROOT
+
+EVALUATION = {
+    "adapter": {"avg_error": 40.0, "rmsle": 0.3, "hit_rate": 0.5, "unparsed": 0},
+    "base_zero_shot": {"avg_error": 400.0, "rmsle": 3.0, "hit_rate": 0.0, "unparsed": 0},
+}
+
+
+@pytest.fixture
+def finished_project(tmp_path, monkeypatch):
+    """What the other stages leave for record_run: an adapter, metrics, a loss curve."""
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "DVC_EXP_NAME", "DVC_ROOT", "PIPELINE_STARTED_BY"):
+        monkeypatch.delenv(name, raising=False)
+    shutil.copy(REPO_ROOT / "params.yaml", tmp_path / "params.yaml")
+    paths = Paths.at(tmp_path)
+    paths.adapter.mkdir(parents=True)
+    (paths.adapter / "adapter_config.json").write_text(json.dumps({"r": 4}))
+    (paths.adapter / "adapter_model.safetensors").write_bytes(b"weights")
+    paths.eval_metrics.parent.mkdir()
+    paths.eval_metrics.write_text(json.dumps(EVALUATION))
+    paths.data_metrics.write_text(json.dumps({"rows_in": 90, "test": {"rows": 12, "sha256": "c" * 64}}))
+    paths.loss_plot.parent.mkdir()
+    paths.loss_plot.write_text("step,train_loss,val_loss\n2,3.0,\n4,2.5,2.7\n")
+    monkeypatch.chdir(tmp_path)
+    return paths
+
+
+def client_of(paths):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{paths.mlflow_db}")
+
+
+def test_dvc_repro_alone_gets_its_own_run_and_a_champion(finished_project, capsys):
+    assert record_run.main([]) == 0
+    record = json.loads(finished_project.run_record.read_text())
+    assert record["started_by"] == "dvc repro" and record["promoted"] and record["version"] == "1"
+    assert "better by 360" in capsys.readouterr().out
+    run = client_of(finished_project).get_run(record["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["started_by"] == "dvc repro"
+    assert run.data.metrics["eval.adapter.avg_error"] == 40.0 and run.data.tags["data.test_sha256"] == "c" * 64
+    assert run.data.tags["lib.torch"] and run.data.tags["promotion.alias"] == "champion"
+    assert [m.value for m in client_of(finished_project).get_metric_history(record["run_id"], "val_loss")] == [2.7]
+
+
+def test_dvc_exp_run_is_tagged_with_the_experiment_name(finished_project, monkeypatch):
+    monkeypatch.setenv("DVC_EXP_NAME", "bushy-lobe")
+    assert record_run.main([]) == 0
+    record = json.loads(finished_project.run_record.read_text())
+    tags = client_of(finished_project).get_run(record["run_id"]).data.tags
+    assert tags["started_by"] == "dvc exp run" and tags["dvc.exp_name"] == "bushy-lobe"
+
+
+def test_the_flows_run_is_adopted_and_left_open(finished_project, monkeypatch):
+    client = client_of(finished_project)
+    experiment = client.create_experiment("qlora-price")
+    flow_run = client.create_run(experiment, tags={"started_by": "prefect"})
+    client.log_metric(flow_run.info.run_id, "val_loss", 2.9, step=4)  # streamed live by train_qlora
+    monkeypatch.setenv("MLFLOW_RUN_ID", flow_run.info.run_id)
+    assert record_run.main([]) == 0
+    assert json.loads(finished_project.run_record.read_text())["run_id"] == flow_run.info.run_id
+    run = client.get_run(flow_run.info.run_id)
+    assert run.info.status == "RUNNING"  # the flow ends it after adding stage times
+    assert [m.value for m in client.get_metric_history(flow_run.info.run_id, "val_loss")] == [2.9]  # not twice
+    assert len(client.search_runs([experiment])) == 1
+
+
+def test_a_second_record_of_the_same_adapter_registers_nothing_new(finished_project):
+    assert record_run.main([]) == 0
+    assert record_run.main([]) == 0
+    record = json.loads(finished_project.run_record.read_text())
+    assert record["new_version"] is False and "same adapter as version 1" in record["reason"]
+
+
+def test_missing_evaluation_is_a_clear_error(finished_project, capsys):
+    finished_project.eval_metrics.unlink()
+    assert record_run.main([]) == 1
+    assert "metrics/eval.json: missing; run the stages before record_run" in capsys.readouterr().err
+    assert not finished_project.run_record.exists()
+
+
+def test_a_password_in_the_tracking_uri_is_masked_where_it_is_shown():
+    from stages.core.tracking import shown_uri
+
+    assert shown_uri("postgresql://ml:s3cret@db:5432/mlflow") == "postgresql://ml:***@db:5432/mlflow"
+    assert shown_uri("sqlite:///x/mlflow.db") == "sqlite:///x/mlflow.db"
