@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -211,9 +212,16 @@ def set_param(root: Path, section: str, key: str, value) -> None:
 
 
 def latest_report(root: Path, env: dict) -> str:
-    """The newest `retrain-report` Markdown artifact, read back from the Prefect server."""
-    done = run([sys.executable, "-m", "prefect", "artifact", "inspect", "retrain-report", "--limit", "1"], root, env)
-    return done.stdout
+    """The newest `retrain-report` Markdown artifact, read back from the Prefect server's REST API."""
+    query = {"artifacts": {"key": {"any_": ["retrain-report"]}}, "sort": "CREATED_DESC", "limit": 1}
+    request = urllib.request.Request(
+        f"{env['PREFECT_API_URL']}/artifacts/filter",
+        data=json.dumps(query).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        (artifact,) = json.load(response)
+    return artifact["data"]
 
 
 def test_a_run_with_nothing_changed_is_up_to_date_in_seconds(flow_project):

@@ -22,7 +22,15 @@ STAGE_MODULES = sorted(name for name, is_package in FOUND if not is_package and 
 
 
 def test_every_stage_has_a_module():
-    expected = {"base_model", "split_data", "tokenize_data", "train_qlora", "evaluate_adapter", "export_hub"}
+    expected = {
+        "base_model",
+        "split_data",
+        "tokenize_data",
+        "train_qlora",
+        "evaluate_adapter",
+        "export_hub",
+        "record_run",
+    }
     assert expected <= {name.split(".")[-1] for name in MODULES}
 
 
