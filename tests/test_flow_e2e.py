@@ -354,3 +354,51 @@ def test_served_deployment_runs_on_demand_and_pauses_when_stopped(flow_project):
         output, _ = serve.communicate(timeout=60)
     inspected = run([sys.executable, "-m", "prefect", "deployment", "inspect", "retrain/scheduled-retrain"], root, env)
     assert "'paused': True" in inspected.stdout, output[-3000:]
+
+
+FLAKY_STAGE = """
+import sys
+from pathlib import Path
+attempts = Path("attempts.txt")
+attempts.write_text(attempts.read_text() + "x" if attempts.exists() else "x")
+if len(attempts.read_text()) == 1:
+    sys.exit(int(sys.argv[1]))  # fails the first time only
+Path("done.txt").touch()
+"""
+RETRY_FLOW = """
+import sys
+from prefect import flow
+from flows.retrain import StageFailed, repro_stage, retry_when_transient
+
+@flow
+def flaky():
+    repro_stage.with_options(retries=2, retry_delay_seconds=0, retry_condition_fn=retry_when_transient)(
+        "flaky", sys.argv[1], {}
+    )
+
+try:
+    flaky()
+except StageFailed as exc:
+    print(f"failed: {exc}")
+"""
+
+
+@pytest.mark.parametrize(("first_exit", "attempts"), [(75, 2), (1, 1)])
+def test_a_stage_is_retried_only_when_its_failure_may_pass(tmp_path, prefect_api, first_exit, attempts):
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(tmp_path / ".prefect")}
+    run(["git", "init", "-q"], tmp_path, env)
+    run([sys.executable, "-m", "dvc", "init", "-q"], tmp_path, env)
+    (tmp_path / "flaky.py").write_text(FLAKY_STAGE)
+    stage = {"cmd": f"python flaky.py {first_exit}", "deps": ["flaky.py"], "outs": [{"done.txt": {"cache": False}}]}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"flaky": stage}}))
+    done = run([sys.executable, "-c", RETRY_FLOW, str(tmp_path)], REPO_ROOT, stage_env(env))
+    assert len((tmp_path / "attempts.txt").read_text()) == attempts
+    if first_exit == 1:
+        assert "failed: `dvc repro flaky` failed (will not pass by retrying)" in done.stdout
+    else:
+        assert "failed:" not in done.stdout and (tmp_path / "done.txt").is_file()
+
+
+def stage_env(env: dict) -> dict:
+    """`python` in dvc.yaml commands is this interpreter."""
+    return {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"}
