@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # Stage commands in dvc.yaml call `python`: make it this environment's.
 RUN := env PATH="$(BIN):$$PATH" PREFECT_SERVER_ANALYTICS_ENABLED=false
 
-.PHONY: venv demo test lint format repro prefect-server serve mlflow-ui bench-eval bench-memory clean
+.PHONY: venv demo test lint format repro prefect-server serve mlflow-ui bench-eval bench-memory bench-overhead clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,9 @@ prefect-server: venv
 PREFECT_API_URL ?= http://127.0.0.1:4200/api
 serve: venv
 	$(RUN) PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/python -m flows.serve
+
+bench-overhead: venv
+	$(RUN) $(BIN)/python -m bench.pipeline_overhead
 
 mlflow-ui: venv
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --host 127.0.0.1 --port 5000

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from flows.local_server import prefect_server
 from tests.conftest import REPO_ROOT, price_rows, write_project
-from tests.prefect_server import prefect_server
 
 COPIED = (
     "stages",

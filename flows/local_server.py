@@ -1,4 +1,9 @@
-"""A real Prefect server on loopback for the flow tests: started in its own PREFECT_HOME, stopped after."""
+"""A Prefect server on loopback, started in its own PREFECT_HOME and stopped afterwards: for the flow tests
+and the pipeline-overhead benchmark (for daily use run `prefect server start`, or `make prefect-server`).
+
+    with prefect_server(Path("/tmp/prefect-home"), dict(os.environ)) as api_url:
+        ...  # PREFECT_API_URL=api_url for the processes started here
+"""
 
 from __future__ import annotations
 
