@@ -59,7 +59,7 @@ def test_unknown_hub_dataset_fails_clearly(project):
         [sys.executable, "-m", "stages.split_data"], cwd=project, env=env, capture_output=True, text=True, check=False
     )
     assert done.returncode == 1
-    assert "data.source='no-such-owner/no-such-dataset' (split 'train') cannot be loaded" in done.stderr
+    assert "data.source='no-such-owner/no-such-dataset' (config None, split 'train') cannot be loaded" in done.stderr
 
 
 def test_cleaning_counts_every_dropped_row(project):
@@ -76,9 +76,9 @@ def test_cleaning_counts_every_dropped_row(project):
     pd.DataFrame(rows).to_csv(project / "data" / "raw" / "prices.csv", index=False)
     result, paths = run_with(project, n_train=-1)
     assert result.dropped == {
-        "price_too_low": 2,
-        "price_missing_or_infinite": 1,
-        "text_empty_or_short": 1,
+        "price_not_positive": 2,
+        "price_missing": 1,
+        "text_empty": 1,
         "price_not_numeric": 1,
         "duplicate_text": 1,
     }
@@ -117,7 +117,7 @@ def test_impossible_sizes_fail_and_keep_previous_outputs(project):
 
 
 def test_missing_column_is_named(project):
-    with pytest.raises(split_data.StageError, match=r"\['cost'\] not found"):
+    with pytest.raises(split_data.StageError, match=r"not found: data.price_column='cost'"):
         run_with(project, price_column="cost")
 
 
