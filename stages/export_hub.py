@@ -29,7 +29,7 @@ from stages.core.io import atomic_path, read_json, read_jsonl
 from stages.core.modeling import compute_dtype, device, load_adapter_model, load_tokenizer
 from stages.core.paths import Paths
 from stages.core.prompts import parse_price
-from stages.core.report import comparison_markdown
+from stages.core.report import comparison_markdown, is_text
 
 CHARTS = ("scatter.png", "loss_curve.png")
 
@@ -161,13 +161,22 @@ def front_matter(params: Params, hub_id: str, evaluation: dict, name: str) -> st
     import yaml
 
     adapter = evaluation["adapter"]
-    metrics = [
-        {"type": "mae", "name": "average absolute error ($)", "value": round(adapter["avg_error"], 2)},
-        {"type": "rmsle", "name": "RMSLE", "value": round(adapter["rmsle"], 4)},
-        {"type": "accuracy", "name": "hit rate (within $40 or 20%)", "value": round(adapter["hit_rate"], 4)},
-    ]
+    if is_text(evaluation):
+        task, tags = "Text generation", ["qlora", "lora", "peft", evaluation["shape"].replace("_", "-")]
+        metrics = [
+            {"type": "loss", "name": "test loss per completion token", "value": round(adapter["loss"], 4)},
+            {"type": "perplexity", "name": "perplexity", "value": round(adapter["perplexity"], 3)},
+            {"type": "exact_match", "name": "exact match", "value": round(adapter["exact_match"], 4)},
+        ]
+    else:
+        task, tags = "Price prediction", ["qlora", "lora", "peft", "price-prediction"]
+        metrics = [
+            {"type": "mae", "name": "average absolute error ($)", "value": round(adapter["avg_error"], 2)},
+            {"type": "rmsle", "name": "RMSLE", "value": round(adapter["rmsle"], 4)},
+            {"type": "accuracy", "name": "hit rate (within $40 or 20%)", "value": round(adapter["hit_rate"], 4)},
+        ]
     result = {
-        "task": {"type": "text-generation", "name": "Price prediction"},
+        "task": {"type": "text-generation", "name": task},
         "dataset": {"type": params.data.source, "name": params.data.source, "split": "test"},
         "metrics": metrics,
     }
@@ -176,31 +185,64 @@ def front_matter(params: Params, hub_id: str, evaluation: dict, name: str) -> st
         "library_name": "peft",
         "license": params.base_model.license,
         "pipeline_tag": "text-generation",
-        "tags": ["qlora", "lora", "peft", "price-prediction"],
+        "tags": tags,
         "model-index": [{"name": name.split("/")[-1], "results": [result]}],
     }
     return f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n"
 
 
+TASK_TEXT = {
+    "price": (
+        "a QLoRA price predictor",
+        "to complete a product description prompt with its price. Prompt (the description goes in `{text}`):",
+    ),
+    "prompt_completion": (
+        "a QLoRA adapter",
+        "on prompt/completion pairs: the prompt is given as it is and the loss covered the completion only.",
+    ),
+    "chat": (
+        "a QLoRA chat adapter",
+        "on conversations rendered with the base model's chat template; the loss covered the assistant turns only.",
+    ),
+}
+EVALUATION_NOTE = {
+    True: (
+        "Test loss is the mean cross-entropy per completion (assistant) token, as in training; perplexity is "
+        "exp(loss); exact match compares the greedy output with the reference completion, whitespace stripped."
+    ),
+    False: "An item is a hit when the prediction is within $40 or 20% of the true price. RMSLE uses log(x+1).",
+}
+LIMITS = {
+    True: "The adapter knows only the kind of tasks in its training data; outside them its answers are guesses.",
+    False: (
+        "The adapter knows only the price range and kinds of products in its training data; outside them its\n"
+        "numbers are guesses."
+    ),
+}
+
+
 def model_card(
     params: Params, hub_id: str, evaluation: dict, data: dict, training: dict, merge_check: dict | None = None
 ) -> str:
-    """The README.md of the exported folder: Hub metadata, usage, metrics, lineage, hyperparameters, limits."""
+    """The README.md of the exported folder: Hub metadata, usage, metrics, lineage, hyperparameters, limits.
+
+    Its wording and metrics follow the data's shape: prices for the price task, loss, perplexity and exact
+    match for prompt/completion and chat data.
+    """
     lora, train, repo_id = params.lora, params.train, params.export.repo_id
     name = repo_id or "path/to/export"
+    text = is_text(evaluation)
+    title, purpose = TASK_TEXT[evaluation.get("shape", "price")]
+    prompt_block = "" if text else f"\n```\n{params.prompt.template}\n```\n"
+    chart = "test loss per item, base against adapter" if text else "truth against prediction"
     hashes = "\n".join(
         f"| {split} | {data[split]['n']} | `{data[split]['sha256'][:16]}` |" for split in ("train", "val", "test")
     )
     return f"""{front_matter(params, hub_id, evaluation, name)}
-# {name.split("/")[-1]}: a QLoRA price predictor on {hub_id}
+# {name.split("/")[-1]}: {title} on {hub_id}
 
-LoRA adapter trained on `{hub_id}` loaded in 4-bit NF4 (QLoRA) to complete a product description
-prompt with its price. Prompt (the description goes in `{{text}}`):
-
-```
-{params.prompt.template}
-```
-
+LoRA adapter trained on `{hub_id}` loaded in 4-bit NF4 (QLoRA) {purpose}
+{prompt_block}
 ## How to load it
 
 ```python
@@ -215,9 +257,9 @@ tokenizer = AutoTokenizer.from_pretrained("{name}")
 
 {comparison_markdown(evaluation)}
 
-An item is a hit when the prediction is within $40 or 20% of the true price. RMSLE uses log(x+1).
+{EVALUATION_NOTE[text]}
 
-![truth against prediction](scatter.png)
+![{chart}](scatter.png)
 
 ## Training
 
@@ -246,8 +288,7 @@ deduplication. Each split's sha256 (of its JSONL file):
 
 ## Limits
 
-The adapter knows only the price range and kinds of products in its training data; outside them its
-numbers are guesses. It was trained for {training.get("steps")} steps and is a pipeline demonstration first.
+{LIMITS[text]} It was trained for {training.get("steps")} steps and is a pipeline demonstration first.
 """
 
 
@@ -328,6 +369,11 @@ def run(params: Params, paths: Paths) -> Result:
             source = paths.root / "reports" / chart
             if source.is_file():
                 shutil.copy2(source, tmp / chart)
+        if params.export.merge and is_text(evaluation):
+            raise StageError(
+                "export.merge checks the merged model's prices against the evaluated adapter, so it needs price "
+                f"data; this is {evaluation['shape']} data: set export.merge: false"
+            )
         merge_check = export_merged(paths, params, tmp / "merged") if params.export.merge else None
         if merge_check:
             (tmp / "merge_check.json").write_text(json.dumps(merge_check, indent=2) + "\n", encoding="utf-8")
