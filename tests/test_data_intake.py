@@ -155,3 +155,49 @@ def test_data_report_counts_and_hashes(previous_run):
         body = (project / "data" / "splits" / f"{name}.jsonl").read_bytes()
         assert report[name]["sha256"] == hashlib.sha256(body).hexdigest()
         assert report[name]["n"] == len(body.splitlines()) and report[name]["price"]["min"] > 0
+
+
+def jsonl_bytes(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(row) + "\n" for row in rows).encode("utf-8")
+
+
+def pairs(n: int = 90) -> list[dict]:
+    return [{"prompt": f"Colour of item {i}?", "completion": f" colour {i}"} for i in range(n)]
+
+
+def chats(n: int = 90) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["completion"]}]}
+            for p in pairs(n)]  # fmt: skip
+
+
+# (case, data overrides, rows with the bad one last (line 91), reason, expected words in the warning)
+SHAPED_DROPS = [
+    ("empty completion", {"shape": "prompt_completion"}, [*pairs(), {"prompt": "Colour?", "completion": " "}],
+     "completion_empty", "field 'completion': empty or whitespace only"),
+    ("conversation ending with the user", {"shape": "chat"},
+     [*chats(), {"messages": [{"role": "user", "content": "Hi"}]}],
+     "messages_invalid", "field 'messages': needs a user turn and must end with an assistant turn"),
+    ("turn without a role", {"shape": "chat"}, [*chats(), {"messages": [{"content": "Hi"}]}],
+     "messages_invalid", "field 'messages': turn 1 has no role"),
+    ("price above max_price", {"max_price": 430.0}, [*price_rows(90), {"text": "gold lamp", "price": 431}],
+     "price_above_max", "field 'price': 431 > data.max_price=430"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "data", "rows", "reason", "warning"), SHAPED_DROPS, ids=[d[0] for d in SHAPED_DROPS])
+def test_dropping_case_for_each_shape(project, capsys, case, data, rows, reason, warning):
+    (project / "data" / "raw" / "items.jsonl").write_bytes(jsonl_bytes(rows))
+    set_data(project, source="data/raw/items.jsonl", **data)
+    assert split_data.main([]) == 0, case
+    assert f"items.jsonl:{len(rows)}: {warning}" in capsys.readouterr().err
+    assert json.loads((project / "metrics" / "data.json").read_text())["dropped"][reason] >= 1
+
+
+def test_chat_messages_as_json_text_in_a_csv(project):
+    rows = [[json.dumps(row["messages"])] for row in chats()] + [["not json"]]
+    (project / "data" / "raw" / "chats.csv").write_bytes(csv_bytes(rows, header=("messages",)))
+    set_data(project, source="data/raw/chats.csv", shape="chat")
+    assert split_data.main([]) == 0
+    report = json.loads((project / "metrics" / "data.json").read_text())
+    assert report["rows_kept"] == 90 and report["dropped"]["messages_invalid"] == 1
+    assert "chats.csv:92: field 'messages': not a JSON list" in report["dropped_examples"]["messages_invalid"][0]
