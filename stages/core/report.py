@@ -78,3 +78,23 @@ def comparison_markdown(metrics: dict) -> str:
             f"| {int(m['unparsed'])} |"
         )
     return "\n".join(lines)
+
+
+def data_markdown(data: dict) -> str:
+    """metrics/data.json as Markdown for a run report: source and shape, rows in, kept and dropped per
+    reason (reasons with no drops left out), and each split's size and sha256."""
+    lines = [
+        f"Data: `{data.get('source', '?')}` ({data.get('shape', 'price')}): {data['rows_in']:,} rows in, "
+        f"{data['rows_kept']:,} kept, {data.get('rows_dropped', data['rows_in'] - data['rows_kept']):,} dropped.",
+        "",
+        "| dropped because | rows | first example |",
+        "|---|---:|---|",
+    ]
+    examples = data.get("dropped_examples", {})
+    for reason, count in data.get("dropped", {}).items():
+        if count:
+            first = (examples.get(reason) or [""])[0].replace("|", "\\|")
+            lines.append(f"| {reason} | {count:,} | {first} |")
+    lines += ["", "| split | rows | sha256 |", "|---|---:|---|"]
+    lines += [f"| {name} | {data[name]['n']:,} | `{data[name]['sha256']}` |" for name in ("train", "val", "test")]
+    return "\n".join(lines)

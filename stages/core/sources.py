@@ -122,7 +122,7 @@ def read_json_lines(path: Path, text: str) -> list[Record]:
         try:
             value = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise InputError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
+            raise InputError(f"{path}:{number}: not valid JSON ({exc.msg}: column {exc.colno})") from exc
         if not isinstance(value, dict):
             raise InputError(f"{path}:{number}: expected a JSON object, got {type(value).__name__}")
         records.append(Record(f"{path}:{number}", value))
@@ -135,7 +135,7 @@ def read_json_array(path: Path, text: str) -> list[Record]:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         hint = "; one object per line is JSON Lines: name the file .jsonl" if exc.msg == "Extra data" else ""
-        raise InputError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}){hint}") from exc
+        raise InputError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}: column {exc.colno}){hint}") from exc
     if not isinstance(value, list):
         raise InputError(f"{path}: expected a JSON array of objects, got {type(value).__name__}")
     for number, item in enumerate(value, start=1):
