@@ -30,6 +30,7 @@ from stages.core.modeling import compute_dtype, device, load_adapter_model, load
 from stages.core.paths import Paths
 from stages.core.prompts import parse_price
 from stages.core.report import comparison_markdown, is_text
+from stages.core.shapes import CHAT, PRICE
 
 CHARTS = ("scatter.png", "loss_curve.png")
 
@@ -49,11 +50,12 @@ def copy_adapter(adapter: Path, out: Path, hub_id: str) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def last_token_logits(model, tokenizer, prompts: list[str]):
+def last_token_logits(model, tokenizer, prompts: list[str], add_special_tokens: bool = True):
     import torch
 
     tokenizer.padding_side = "left"
-    batch = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
+    batch = batch.to(model.device)
     with torch.inference_mode():
         return model(**batch).logits[:, -1, :].float()
 
@@ -63,6 +65,23 @@ def relative_gap(a: float | None, b: float | None) -> float:
     if a is None or b is None:
         return 0.0 if a is b else float("inf")
     return abs(a - b) / max(abs(b), 1.0)
+
+
+def answer_gap(merged, adapter) -> float:
+    """How far the merged model's answer is from the adapter's: relative for prices, 0 or infinite for text."""
+    if isinstance(adapter, str):
+        return 0.0 if merged == adapter else float("inf")
+    return relative_gap(merged, adapter)
+
+
+def merge_check_inputs(tokenizer, params: Params, evaluated: list[dict], shape: str):
+    """For the merge check: the evaluated prompts, the adapter's evaluated answers (prices, or output text
+    for prompt/completion and chat data), how to read an answer from an output, and generation options."""
+    if shape == PRICE:
+        prompts = build_prompts(tokenizer, evaluated, params.prompt, params.evaluate.max_new_tokens)
+        return prompts, [row["adapter_prediction"] for row in evaluated], parse_price, {}
+    options = {"stop_at_number": False, "add_special_tokens": shape != CHAT}
+    return [row["prompt"] for row in evaluated], [row["adapter_output"] for row in evaluated], str, options
 
 
 MERGE_TARGETS = ("dequantized", "unquantized")
@@ -92,41 +111,43 @@ def base_for_merging(paths: Paths, params: Params, quantized_adapter_model):
     return base
 
 
-def export_merged(paths: Paths, params: Params, out: Path) -> dict:
+def export_merged(paths: Paths, params: Params, out: Path, shape: str = PRICE) -> dict:
     """Merge the adapter into an unquantized base (see `base_for_merging`), check the merged model against
     the adapter as evaluate_adapter scored it on `export.merge_check_items` test items, then save it in `out`.
 
     Merging into the 4-bit base itself would re-quantize the sum and stay 4-bit, hence the reload. Raises
-    StageError with the numbers, before anything is saved, when a price differs beyond merge_tolerance.
+    StageError with the numbers, before anything is saved, when a price differs beyond merge_tolerance
+    (for prompt/completion and chat data: when any greedy output differs).
     """
     from peft import PeftModel
 
     cfg = params.export
     tokenizer = load_tokenizer(paths.base_model)
     evaluated = read_jsonl(paths.predictions)[: cfg.merge_check_items]
-    prompts = build_prompts(tokenizer, evaluated, params.prompt, params.evaluate.max_new_tokens)
+    prompts, adapter, answer, options = merge_check_inputs(tokenizer, params, evaluated, shape)
+    special = options.get("add_special_tokens", True)
     evaluated_model = load_adapter_model(paths.base_model, paths.adapter, params.quantization)
-    reference_logits = last_token_logits(evaluated_model, tokenizer, prompts)
+    reference_logits = last_token_logits(evaluated_model, tokenizer, prompts, special)
     base = base_for_merging(paths, params, evaluated_model)
     del evaluated_model
     merged_model = PeftModel.from_pretrained(base, paths.adapter).merge_and_unload()
     merged_model.eval()
-    merged = [parse_price(o) for o in generate(merged_model, tokenizer, prompts, params.evaluate, "merged check")]
-    adapter = [row["adapter_prediction"] for row in evaluated]
+    outputs = generate(merged_model, tokenizer, prompts, params.evaluate, "merged check", **options)
+    merged = [answer(o) for o in outputs]
     check = {
         "merged_into": cfg.merge_into,
         "items": len(prompts),
         "identical_predictions": sum(a == b for a, b in zip(merged, adapter, strict=True)),
-        "max_relative_price_difference": max(relative_gap(a, b) for a, b in zip(merged, adapter, strict=True)),
+        "max_relative_price_difference": max(answer_gap(a, b) for a, b in zip(merged, adapter, strict=True)),
         "max_logit_difference": float(
-            (last_token_logits(merged_model, tokenizer, prompts) - reference_logits).abs().max()
+            (last_token_logits(merged_model, tokenizer, prompts, special) - reference_logits).abs().max()
         ),
         "merged_predictions": merged,
         "adapter_predictions": adapter,
     }
     if check["max_relative_price_difference"] > cfg.merge_tolerance:
         raise StageError(
-            f"the merged model ({cfg.merge_into} base) disagrees with the evaluated adapter: prices {merged} vs "
+            f"the merged model ({cfg.merge_into} base) disagrees with the evaluated adapter: {merged} vs "
             f"{adapter} on the first {len(prompts)} test items (largest relative gap "
             f"{check['max_relative_price_difference']:.4f} > export.merge_tolerance={cfg.merge_tolerance}; largest "
             f"next-token logit gap {check['max_logit_difference']:.2e}); nothing was exported"
@@ -369,12 +390,8 @@ def run(params: Params, paths: Paths) -> Result:
             source = paths.root / "reports" / chart
             if source.is_file():
                 shutil.copy2(source, tmp / chart)
-        if params.export.merge and is_text(evaluation):
-            raise StageError(
-                "export.merge checks the merged model's prices against the evaluated adapter, so it needs price "
-                f"data; this is {evaluation['shape']} data: set export.merge: false"
-            )
-        merge_check = export_merged(paths, params, tmp / "merged") if params.export.merge else None
+        shape = evaluation.get("shape", PRICE)
+        merge_check = export_merged(paths, params, tmp / "merged", shape) if params.export.merge else None
         if merge_check:
             (tmp / "merge_check.json").write_text(json.dumps(merge_check, indent=2) + "\n", encoding="utf-8")
             print(

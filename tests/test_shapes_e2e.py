@@ -165,18 +165,20 @@ def test_export_card_claims_no_price_metrics(shaped_project):
     assert "perplexity" in table and "fine-tuned adapter" in table and "$" not in table
 
 
-def test_merge_on_text_data_stops_before_writing(pair_project, tmp_path):
+def test_merged_export_of_text_data_agrees_with_the_adapter(shaped_project, tmp_path):
     import dataclasses
     import shutil
 
-    paths, params = pair_project
+    paths, params = shaped_project
     copy = Paths.at(tmp_path)
     for folder in ("models", "data", "metrics", "reports", "eval"):
         shutil.copytree(paths.root / folder, tmp_path / folder)
-    merged = dataclasses.replace(params, export=dataclasses.replace(params.export, merge=True))
-    with pytest.raises(export_hub.StageError, match="needs price data"):
-        export_hub.run(merged, copy)
-    assert not copy.export.exists()
+    merged = dataclasses.replace(params, export=dataclasses.replace(params.export, merge=True, merge_check_items=4))
+    export_hub.run(merged, copy)
+    check = json.loads((copy.export / "merge_check.json").read_text())
+    evaluated = [row["adapter_output"] for row in read_jsonl(paths.predictions)[:4]]
+    assert check["identical_predictions"] == 4 and check["merged_predictions"] == evaluated
+    assert (copy.export / "merged" / "model.safetensors").is_file()
 
 
 def test_chat_data_without_a_chat_template_stops_tokenize(project, tiny_model_dir, capsys):
