@@ -87,7 +87,7 @@ def decoded(path: Path, data: bytes) -> str:
 
 def read_delimited(path: Path, text: str, delimiter: str) -> list[Record]:
     """Rows of a CSV/TSV text under its header row; a row with another number of fields stops the read."""
-    csv.field_size_limit(sys.maxsize)  # an enormous field is read, then dropped by length with a warning
+    csv.field_size_limit(2**31 - 1)  # an enormous field is read, then dropped by length with a warning
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     header: list[str] | None = None
     records = []
