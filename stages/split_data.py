@@ -94,9 +94,9 @@ def price_value(raw, cfg: DataConfig) -> float:
     field = cfg.price_column
     if raw is None or (isinstance(raw, str) and not raw.strip()):
         raise Dropped("price_missing", field, "no value")
+    if isinstance(raw, bool):
+        raise Dropped("price_not_numeric", field, f"{raw!r} is not a number")
     try:
-        if isinstance(raw, bool):
-            raise TypeError
         price = float(raw)
     except (TypeError, ValueError):
         raise Dropped("price_not_numeric", field, f"{raw!r:.40} is not a number") from None
@@ -122,7 +122,9 @@ def price_row(values: dict, cfg: DataConfig) -> dict:
     if len(text) < cfg.min_text_chars:
         raise Dropped("text_too_short", field, f"{len(text)} characters < data.min_text_chars={cfg.min_text_chars}")
     if len(text.split()) < cfg.min_text_words:
-        raise Dropped("text_too_few_words", field, f"{len(text.split())} words < data.min_text_words")
+        raise Dropped(
+            "text_too_few_words", field, f"{len(text.split())} words < data.min_text_words={cfg.min_text_words}"
+        )
     return {"text": cap_words(text, cfg.max_text_words), "price": price}
 
 

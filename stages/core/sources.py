@@ -15,7 +15,6 @@ import csv
 import importlib.metadata
 import io
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
