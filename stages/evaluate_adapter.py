@@ -125,6 +125,16 @@ def item_lines(rows: list[dict], colour: bool) -> list[str]:
 MODELS = ("adapter", "base_zero_shot")
 
 
+def warn_short_generation(tokenizer, references: list[str], max_new_tokens: int) -> None:
+    """Say when evaluate.max_new_tokens cannot hold some reference completions (no exact match possible)."""
+    longer = sum(len(tokenizer(r, add_special_tokens=False)["input_ids"]) > max_new_tokens for r in references)
+    if longer:
+        print(
+            f"warning: {longer} of {len(references)} reference completions are longer than "
+            f"evaluate.max_new_tokens={max_new_tokens} tokens, so they cannot match exactly; raise it to score them"
+        )
+
+
 def predict_text(paths: Paths, params: Params, shape: str, test: list[dict]) -> tuple[list[str], dict, dict, float]:
     """Generation prompts, greedy outputs and completion losses of adapter and zero-shot base for
     prompt/completion or chat rows, and the adapter's generation speed (items per second)."""
@@ -133,6 +143,7 @@ def predict_text(paths: Paths, params: Params, shape: str, test: list[dict]) -> 
     if shape == CHAT:
         require_chat_template(tokenizer, str(paths.split("test")))
     encoded = [encode_row(tokenizer, row, shape, params.prompt) for row in test]
+    warn_short_generation(tokenizer, [reference(row, shape) for row in test], cfg.max_new_tokens)
     prompts = [generation_prompt(tokenizer, row, shape, params.prompt, cfg.max_new_tokens) for row in test]
     model = load_adapter_model(paths.base_model, paths.adapter, params.quantization)
     options = {"stop_at_number": False, "add_special_tokens": shape != CHAT}
