@@ -58,20 +58,21 @@ def read_diamonds() -> list[Record]:
     ]
 
 
-def checked_bytes(path: Path, fmt: str) -> bytes:
-    """The file's bytes; InputError when it is missing, empty, or binary content under a text extension."""
+def checked_bytes(path: Path, fmt: str, name: str) -> bytes:
+    """The file's bytes; InputError (naming the file as `name`) when it is missing, empty, or binary content
+    under a text extension."""
     if not path.is_file():
-        raise InputError(f"{path}: data file not found (data.source)")
+        raise InputError(f"{name}: data file not found (data.source)")
     data = path.read_bytes()
     if not data.strip():
-        raise InputError(f"{path}: the file is empty")
+        raise InputError(f"{name}: the file is empty")
     for magic, kind in BINARY_MAGIC.items():
         if data.startswith(magic) and kind != fmt:
-            raise InputError(f"{path}: holds {kind} data, not {fmt} as its extension says; rename or convert it")
+            raise InputError(f"{name}: holds {kind} data, not {fmt} as its extension says; rename or convert it")
     return data
 
 
-def decoded(path: Path, data: bytes) -> str:
+def decoded(name: str, data: bytes) -> str:
     """`data` as UTF-8 text (a leading BOM is dropped); InputError naming the line of the first bad byte."""
     try:
         return data.decode("utf-8-sig")
@@ -79,12 +80,12 @@ def decoded(path: Path, data: bytes) -> str:
         line = data.count(b"\n", 0, exc.start) + 1
         column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
         raise InputError(
-            f"{path}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x} at column {column}); "
+            f"{name}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x} at column {column}); "
             "re-save the file as UTF-8"
         ) from exc
 
 
-def read_delimited(path: Path, text: str, delimiter: str) -> list[Record]:
+def read_delimited(name: str, text: str, delimiter: str) -> list[Record]:
     """Rows of a CSV/TSV text under its header row; a row with another number of fields stops the read."""
     csv.field_size_limit(2**31 - 1)  # an enormous field is read, then dropped by length with a warning
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
@@ -97,22 +98,22 @@ def read_delimited(path: Path, text: str, delimiter: str) -> list[Record]:
         except StopIteration:
             break
         except csv.Error as exc:
-            raise InputError(f"{path}:{start}: malformed row ({exc})") from exc
+            raise InputError(f"{name}:{start}: malformed row ({exc})") from exc
         if not any(cell.strip() for cell in row):
             continue  # blank line
         if header is None:
             header = [cell.strip() for cell in row]
         elif len(row) != len(header):
             raise InputError(
-                f"{path}:{start}: {len(row)} fields where the header has {len(header)}; fix or remove the row "
+                f"{name}:{start}: {len(row)} fields where the header has {len(header)}; fix or remove the row "
                 "(quote fields that contain the delimiter)"
             )
         else:
-            records.append(Record(f"{path}:{start}", dict(zip(header, row, strict=True))))
+            records.append(Record(f"{name}:{start}", dict(zip(header, row, strict=True))))
     return records
 
 
-def read_json_lines(path: Path, text: str) -> list[Record]:
+def read_json_lines(name: str, text: str) -> list[Record]:
     """One JSON object per line; a broken line stops the read with its number."""
     records = []
     for number, line in enumerate(text.split("\n"), start=1):
@@ -121,52 +122,54 @@ def read_json_lines(path: Path, text: str) -> list[Record]:
         try:
             value = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise InputError(f"{path}:{number}: not valid JSON ({exc.msg}: column {exc.colno})") from exc
+            raise InputError(f"{name}:{number}: not valid JSON ({exc.msg}: column {exc.colno})") from exc
         if not isinstance(value, dict):
-            raise InputError(f"{path}:{number}: expected a JSON object, got {type(value).__name__}")
-        records.append(Record(f"{path}:{number}", value))
+            raise InputError(f"{name}:{number}: expected a JSON object, got {type(value).__name__}")
+        records.append(Record(f"{name}:{number}", value))
     return records
 
 
-def read_json_array(path: Path, text: str) -> list[Record]:
+def read_json_array(name: str, text: str) -> list[Record]:
     """A JSON array of objects; item numbers stand in for rows."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         hint = "; one object per line is JSON Lines: name the file .jsonl" if exc.msg == "Extra data" else ""
-        raise InputError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}: column {exc.colno}){hint}") from exc
+        raise InputError(f"{name}:{exc.lineno}: not valid JSON ({exc.msg}: column {exc.colno}){hint}") from exc
     if not isinstance(value, list):
-        raise InputError(f"{path}: expected a JSON array of objects, got {type(value).__name__}")
+        raise InputError(f"{name}: expected a JSON array of objects, got {type(value).__name__}")
     for number, item in enumerate(value, start=1):
         if not isinstance(item, dict):
-            raise InputError(f"{path} item {number}: expected a JSON object, got {type(item).__name__}")
-    return [Record(f"{path} item {number}", item) for number, item in enumerate(value, start=1)]
+            raise InputError(f"{name} item {number}: expected a JSON object, got {type(item).__name__}")
+    return [Record(f"{name} item {number}", item) for number, item in enumerate(value, start=1)]
 
 
-def read_parquet(path: Path) -> list[Record]:
+def read_parquet(path: Path, name: str) -> list[Record]:
     import pyarrow.parquet as pq
 
     try:
         rows = pq.read_table(path).to_pylist()
     except Exception as exc:  # pyarrow raises several types for a damaged or foreign file
-        raise InputError(f"{path}: not a readable Parquet file ({exc})") from exc
-    return [Record(f"{path} row {number}", row) for number, row in enumerate(rows, start=1)]
+        raise InputError(f"{name}: not a readable Parquet file ({exc})") from exc
+    return [Record(f"{name} row {number}", row) for number, row in enumerate(rows, start=1)]
 
 
-def read_local(path: Path) -> list[Record]:
-    """Records of a local .csv/.tsv/.jsonl/.json/.parquet file."""
+def read_local(path: Path, name: str | None = None) -> list[Record]:
+    """Records of a local .csv/.tsv/.jsonl/.json/.parquet file; messages and records name it as `name`
+    (default: the path), e.g. the path relative to the project as data.source gives it."""
+    name = name or str(path)
     suffix = path.suffix.lower()
     if suffix not in FORMATS:
-        raise InputError(f"{path}: unknown format {suffix or '(no extension)'!r}; use one of {', '.join(FORMATS)}")
-    data = checked_bytes(path, FORMATS[suffix])
+        raise InputError(f"{name}: unknown format {suffix or '(no extension)'!r}; use one of {', '.join(FORMATS)}")
+    data = checked_bytes(path, FORMATS[suffix], name)
     if suffix == ".parquet":
         if not data.startswith(b"PAR1"):
-            raise InputError(f"{path}: not a Parquet file (no PAR1 header); is it CSV or JSON text?")
-        return read_parquet(path)
-    text = decoded(path, data)
+            raise InputError(f"{name}: not a Parquet file (no PAR1 header); is it CSV or JSON text?")
+        return read_parquet(path, name)
+    text = decoded(name, data)
     if suffix in (".csv", ".tsv"):
-        return read_delimited(path, text, "\t" if suffix == ".tsv" else ",")
-    return read_json_lines(path, text) if suffix == ".jsonl" else read_json_array(path, text)
+        return read_delimited(name, text, "\t" if suffix == ".tsv" else ",")
+    return read_json_lines(name, text) if suffix == ".jsonl" else read_json_array(name, text)
 
 
 def read_hub(cfg: DataConfig, source: str) -> list[Record]:
@@ -195,7 +198,7 @@ def read_records(cfg: DataConfig, root: Path) -> tuple[str, list[Record]]:
     if path.is_dir():
         label, records = cfg.source, read_hub(cfg, str(path))
     elif path.suffix.lower() in FORMATS or path.exists():
-        label, records = cfg.source, read_local(path)
+        label, records = cfg.source, read_local(path, cfg.source)
     else:
         label, records = cfg.source, read_hub(cfg, cfg.source)
     if not records:
