@@ -1,15 +1,20 @@
-"""Stage `evaluate_adapter`: score the adapter on the test set against two baselines.
+"""Stage `evaluate_adapter`: score the adapter on the test set against baselines, as the data's shape asks.
 
 Reads models/base/, models/adapter/, data/splits/{train,test}.jsonl and params `prompt`,
-`quantization` and `evaluate`. The base is loaded in 4 bits with the adapter on top; prices are
-generated greedily in batches (left padding) and the first number of each output is parsed. The same
-prompts go through the base model with the adapter switched off (zero-shot), and a constant
-prediction of the mean training price is scored too. Generation of a batch stops once every row has
-a complete number. Outputs without a number are counted as `unparsed` and scored as $0, never dropped.
-With `evaluate.show_items` each item gets a line, coloured by band on a terminal, as in the course.
-Writes metrics/eval.json (average absolute error with a bootstrap 95% interval, RMSLE, hit rate, band
-shares, MSE, R², unparsed, for each of the three; adapter items per second), eval/predictions.jsonl,
-plots/predictions.csv and reports/scatter.png.
+`quantization` and `evaluate`. The base is loaded in 4 bits with the adapter on top, and the same test
+items also go through the base with the adapter switched off (zero-shot). Generation is greedy, in
+batches (left padding).
+Price rows (text + price): the first number of each output is parsed, and a constant prediction of the
+mean training price is scored too. Generation of a batch stops once every row has a complete number.
+Outputs without a number are counted as `unparsed` and scored as $0, never dropped. With
+`evaluate.show_items` each item gets a line, coloured by band on a terminal, as in the course.
+metrics/eval.json holds average absolute error with a bootstrap 95% interval, RMSLE, hit rate, band
+shares, MSE, R², unparsed, for each of the three; adapter items per second.
+Prompt/completion and chat rows: the loss per completion (assistant) token on the test set, its
+perplexity, and the share of greedy outputs equal to the reference completion (exact match), for the
+adapter and the zero-shot base; metrics/eval.json says `"shape"` and holds `loss`, `perplexity`,
+`exact_match` under `adapter` and `base_zero_shot`; the chart plots each item's loss, base against adapter.
+Writes metrics/eval.json, eval/predictions.jsonl, plots/predictions.csv and reports/scatter.png.
 
 Run: `python -m stages.evaluate_adapter` (or `dvc repro evaluate_adapter`).
 """
@@ -21,16 +26,17 @@ import sys
 import time
 from dataclasses import dataclass
 
-from stages.core.charts import price_scatter
+from stages.core.charts import loss_scatter, price_scatter
 from stages.core.cli import StageError, run_stage
 from stages.core.config import Params
-from stages.core.generation import build_prompts, generate, single_token_share, topk_estimates
+from stages.core.generation import build_prompts, completion_losses, generate, single_token_share, topk_estimates
 from stages.core.io import read_jsonl, write_csv, write_json, write_jsonl
-from stages.core.metrics import GREEN, ORANGE, band, price_metrics
+from stages.core.metrics import GREEN, ORANGE, band, price_metrics, text_metrics
 from stages.core.modeling import load_adapter_model, load_tokenizer, set_threads
 from stages.core.paths import Paths
 from stages.core.prompts import parse_price
 from stages.core.report import comparison_table
+from stages.core.shapes import CHAT, PRICE, encode_row, generation_prompt, reference, require_chat_template, split_shape
 
 
 @dataclass(frozen=True)
@@ -116,12 +122,98 @@ def item_lines(rows: list[dict], colour: bool) -> list[str]:
     return lines
 
 
+MODELS = ("adapter", "base_zero_shot")
+
+
+def warn_short_generation(tokenizer, references: list[str], max_new_tokens: int) -> None:
+    """Say when evaluate.max_new_tokens cannot hold some reference completions (no exact match possible)."""
+    longer = sum(len(tokenizer(r, add_special_tokens=False)["input_ids"]) > max_new_tokens for r in references)
+    if longer:
+        print(
+            f"warning: {longer} of {len(references)} reference completions are longer than "
+            f"evaluate.max_new_tokens={max_new_tokens} tokens, so they cannot match exactly; raise it to score them"
+        )
+
+
+def predict_text(paths: Paths, params: Params, shape: str, test: list[dict]) -> tuple[list[str], dict, dict, float]:
+    """Generation prompts, greedy outputs and completion losses of adapter and zero-shot base for
+    prompt/completion or chat rows, and the adapter's generation speed (items per second)."""
+    cfg = params.evaluate
+    tokenizer = load_tokenizer(paths.base_model)
+    if shape == CHAT:
+        require_chat_template(tokenizer, str(paths.split("test")))
+    encoded = [encode_row(tokenizer, row, shape, params.prompt) for row in test]
+    warn_short_generation(tokenizer, [reference(row, shape) for row in test], cfg.max_new_tokens)
+    prompts = [generation_prompt(tokenizer, row, shape, params.prompt, cfg.max_new_tokens) for row in test]
+    model = load_adapter_model(paths.base_model, paths.adapter, params.quantization)
+    options = {"stop_at_number": False, "add_special_tokens": shape != CHAT}
+    started = time.perf_counter()
+    outputs = {"adapter": generate(model, tokenizer, prompts, cfg, "adapter", **options)}
+    speed = len(test) / (time.perf_counter() - started)
+    losses = {"adapter": completion_losses(model, encoded, tokenizer.pad_token_id, cfg.batch_size)}
+    with model.disable_adapter():
+        outputs["base_zero_shot"] = generate(model, tokenizer, prompts, cfg, "base zero-shot", **options)
+        losses["base_zero_shot"] = completion_losses(model, encoded, tokenizer.pad_token_id, cfg.batch_size)
+    return prompts, outputs, losses, speed
+
+
+def text_rows(prompts: list[str], references: list[str], outputs: dict, losses: dict) -> list[dict]:
+    """One row per test item: prompt, reference, and per model its output, exact match and mean loss."""
+    rows = []
+    for index, (prompt, expected) in enumerate(zip(prompts, references, strict=True)):
+        row = {"prompt": prompt, "reference": expected}
+        for model in MODELS:
+            total, tokens = losses[model][index]
+            row[f"{model}_output"] = outputs[model][index]
+            row[f"{model}_exact"] = outputs[model][index].strip() == expected.strip()
+            row[f"{model}_loss"] = total / max(tokens, 1)
+        rows.append(row)
+    return rows
+
+
+def run_text(params: Params, paths: Paths, shape: str, test: list[dict]) -> Result:
+    """Score a prompt/completion or chat test split: loss, perplexity, exact match; write the outputs."""
+    prompts, outputs, losses, speed = predict_text(paths, params, shape, test)
+    references = [reference(row, shape) for row in test]
+    metrics = {"shape": shape}
+    for model in MODELS:
+        metrics[model] = text_metrics(losses[model], outputs[model], references)
+    metrics["items_per_second"] = round(speed, 3)
+    rows = text_rows(prompts, references, outputs, losses)
+    write_json(paths.eval_metrics, metrics)
+    write_jsonl(paths.predictions, rows)
+    write_csv(
+        paths.predictions_plot,
+        [
+            {"item": i, "base_loss": r["base_zero_shot_loss"], "adapter_loss": r["adapter_loss"],
+             "exact_match": int(r["adapter_exact"])}
+            for i, r in enumerate(rows, start=1)
+        ],
+    )  # fmt: skip
+    a = metrics["adapter"]
+    title = f"Adapter: loss {a['loss']:.3f}, perplexity {a['perplexity']:.2f}, exact match {a['exact_match']:.1%}"
+    loss_scatter(
+        [r["base_zero_shot_loss"] for r in rows], [r["adapter_loss"] for r in rows], title, paths.scatter_chart
+    )
+    if params.evaluate.show_items:
+        for number, row in enumerate(rows, start=1):
+            verdict = "exact" if row["adapter_exact"] else "differs"
+            print(f"{number}: {verdict}  loss {row['adapter_loss']:.3f}  output {row['adapter_output'][:60]!r}  "
+                  f"expected {row['reference'][:60]!r}")  # fmt: skip
+    print(comparison_table(metrics))
+    return Result(adapter=a, base_zero_shot=metrics["base_zero_shot"], mean_baseline={})
+
+
 def run(params: Params, paths: Paths) -> Result:
-    """Score adapter, zero-shot base and mean price on the test split; write metrics, predictions, chart."""
+    """Score the adapter on the test split as its shape asks (price: also zero-shot base and mean price;
+    prompt/completion and chat: also zero-shot base); write metrics, predictions, chart."""
     set_threads(0)
     test, train = read_jsonl(paths.split("test")), read_jsonl(paths.split("train"))
     if not test or not train:
         raise StageError(f"{paths.splits}: empty train or test split; run split_data first")
+    shape = split_shape(test, str(paths.split("test")))
+    if shape != PRICE:
+        return run_text(params, paths, shape, test)
     predicted = predict_all(paths, params, test)
     rows = prediction_rows(test, predicted.adapter, predicted.base)
     truths = [r["truth"] for r in rows]

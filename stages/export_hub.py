@@ -29,7 +29,8 @@ from stages.core.io import atomic_path, read_json, read_jsonl
 from stages.core.modeling import compute_dtype, device, load_adapter_model, load_tokenizer
 from stages.core.paths import Paths
 from stages.core.prompts import parse_price
-from stages.core.report import comparison_markdown
+from stages.core.report import comparison_markdown, is_text
+from stages.core.shapes import CHAT, PRICE
 
 CHARTS = ("scatter.png", "loss_curve.png")
 
@@ -49,11 +50,12 @@ def copy_adapter(adapter: Path, out: Path, hub_id: str) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def last_token_logits(model, tokenizer, prompts: list[str]):
+def last_token_logits(model, tokenizer, prompts: list[str], add_special_tokens: bool = True):
     import torch
 
     tokenizer.padding_side = "left"
-    batch = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
+    batch = batch.to(model.device)
     with torch.inference_mode():
         return model(**batch).logits[:, -1, :].float()
 
@@ -63,6 +65,23 @@ def relative_gap(a: float | None, b: float | None) -> float:
     if a is None or b is None:
         return 0.0 if a is b else float("inf")
     return abs(a - b) / max(abs(b), 1.0)
+
+
+def answer_gap(merged, adapter) -> float:
+    """How far the merged model's answer is from the adapter's: relative for prices, 0 or infinite for text."""
+    if isinstance(adapter, str):
+        return 0.0 if merged == adapter else float("inf")
+    return relative_gap(merged, adapter)
+
+
+def merge_check_inputs(tokenizer, params: Params, evaluated: list[dict], shape: str):
+    """For the merge check: the evaluated prompts, the adapter's evaluated answers (prices, or output text
+    for prompt/completion and chat data), how to read an answer from an output, and generation options."""
+    if shape == PRICE:
+        prompts = build_prompts(tokenizer, evaluated, params.prompt, params.evaluate.max_new_tokens)
+        return prompts, [row["adapter_prediction"] for row in evaluated], parse_price, {}
+    options = {"stop_at_number": False, "add_special_tokens": shape != CHAT}
+    return [row["prompt"] for row in evaluated], [row["adapter_output"] for row in evaluated], str, options
 
 
 MERGE_TARGETS = ("dequantized", "unquantized")
@@ -92,41 +111,43 @@ def base_for_merging(paths: Paths, params: Params, quantized_adapter_model):
     return base
 
 
-def export_merged(paths: Paths, params: Params, out: Path) -> dict:
+def export_merged(paths: Paths, params: Params, out: Path, shape: str = PRICE) -> dict:
     """Merge the adapter into an unquantized base (see `base_for_merging`), check the merged model against
     the adapter as evaluate_adapter scored it on `export.merge_check_items` test items, then save it in `out`.
 
     Merging into the 4-bit base itself would re-quantize the sum and stay 4-bit, hence the reload. Raises
-    StageError with the numbers, before anything is saved, when a price differs beyond merge_tolerance.
+    StageError with the numbers, before anything is saved, when a price differs beyond merge_tolerance
+    (for prompt/completion and chat data: when any greedy output differs).
     """
     from peft import PeftModel
 
     cfg = params.export
     tokenizer = load_tokenizer(paths.base_model)
     evaluated = read_jsonl(paths.predictions)[: cfg.merge_check_items]
-    prompts = build_prompts(tokenizer, evaluated, params.prompt, params.evaluate.max_new_tokens)
+    prompts, adapter, answer, options = merge_check_inputs(tokenizer, params, evaluated, shape)
+    special = options.get("add_special_tokens", True)
     evaluated_model = load_adapter_model(paths.base_model, paths.adapter, params.quantization)
-    reference_logits = last_token_logits(evaluated_model, tokenizer, prompts)
+    reference_logits = last_token_logits(evaluated_model, tokenizer, prompts, special)
     base = base_for_merging(paths, params, evaluated_model)
     del evaluated_model
     merged_model = PeftModel.from_pretrained(base, paths.adapter).merge_and_unload()
     merged_model.eval()
-    merged = [parse_price(o) for o in generate(merged_model, tokenizer, prompts, params.evaluate, "merged check")]
-    adapter = [row["adapter_prediction"] for row in evaluated]
+    outputs = generate(merged_model, tokenizer, prompts, params.evaluate, "merged check", **options)
+    merged = [answer(o) for o in outputs]
     check = {
         "merged_into": cfg.merge_into,
         "items": len(prompts),
         "identical_predictions": sum(a == b for a, b in zip(merged, adapter, strict=True)),
-        "max_relative_price_difference": max(relative_gap(a, b) for a, b in zip(merged, adapter, strict=True)),
+        "max_relative_price_difference": max(answer_gap(a, b) for a, b in zip(merged, adapter, strict=True)),
         "max_logit_difference": float(
-            (last_token_logits(merged_model, tokenizer, prompts) - reference_logits).abs().max()
+            (last_token_logits(merged_model, tokenizer, prompts, special) - reference_logits).abs().max()
         ),
         "merged_predictions": merged,
         "adapter_predictions": adapter,
     }
     if check["max_relative_price_difference"] > cfg.merge_tolerance:
         raise StageError(
-            f"the merged model ({cfg.merge_into} base) disagrees with the evaluated adapter: prices {merged} vs "
+            f"the merged model ({cfg.merge_into} base) disagrees with the evaluated adapter: {merged} vs "
             f"{adapter} on the first {len(prompts)} test items (largest relative gap "
             f"{check['max_relative_price_difference']:.4f} > export.merge_tolerance={cfg.merge_tolerance}; largest "
             f"next-token logit gap {check['max_logit_difference']:.2e}); nothing was exported"
@@ -161,13 +182,22 @@ def front_matter(params: Params, hub_id: str, evaluation: dict, name: str) -> st
     import yaml
 
     adapter = evaluation["adapter"]
-    metrics = [
-        {"type": "mae", "name": "average absolute error ($)", "value": round(adapter["avg_error"], 2)},
-        {"type": "rmsle", "name": "RMSLE", "value": round(adapter["rmsle"], 4)},
-        {"type": "accuracy", "name": "hit rate (within $40 or 20%)", "value": round(adapter["hit_rate"], 4)},
-    ]
+    if is_text(evaluation):
+        task, tags = "Text generation", ["qlora", "lora", "peft", evaluation["shape"].replace("_", "-")]
+        metrics = [
+            {"type": "loss", "name": "test loss per completion token", "value": round(adapter["loss"], 4)},
+            {"type": "perplexity", "name": "perplexity", "value": round(adapter["perplexity"], 3)},
+            {"type": "exact_match", "name": "exact match", "value": round(adapter["exact_match"], 4)},
+        ]
+    else:
+        task, tags = "Price prediction", ["qlora", "lora", "peft", "price-prediction"]
+        metrics = [
+            {"type": "mae", "name": "average absolute error ($)", "value": round(adapter["avg_error"], 2)},
+            {"type": "rmsle", "name": "RMSLE", "value": round(adapter["rmsle"], 4)},
+            {"type": "accuracy", "name": "hit rate (within $40 or 20%)", "value": round(adapter["hit_rate"], 4)},
+        ]
     result = {
-        "task": {"type": "text-generation", "name": "Price prediction"},
+        "task": {"type": "text-generation", "name": task},
         "dataset": {"type": params.data.source, "name": params.data.source, "split": "test"},
         "metrics": metrics,
     }
@@ -176,31 +206,64 @@ def front_matter(params: Params, hub_id: str, evaluation: dict, name: str) -> st
         "library_name": "peft",
         "license": params.base_model.license,
         "pipeline_tag": "text-generation",
-        "tags": ["qlora", "lora", "peft", "price-prediction"],
+        "tags": tags,
         "model-index": [{"name": name.split("/")[-1], "results": [result]}],
     }
     return f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n"
 
 
+TASK_TEXT = {
+    "price": (
+        "a QLoRA price predictor",
+        "to complete a product description prompt with its price. Prompt (the description goes in `{text}`):",
+    ),
+    "prompt_completion": (
+        "a QLoRA adapter",
+        "on prompt/completion pairs: the prompt is given as it is and the loss covered the completion only.",
+    ),
+    "chat": (
+        "a QLoRA chat adapter",
+        "on conversations rendered with the base model's chat template; the loss covered the assistant turns only.",
+    ),
+}
+EVALUATION_NOTE = {
+    True: (
+        "Test loss is the mean cross-entropy per completion (assistant) token, as in training; perplexity is "
+        "exp(loss); exact match compares the greedy output with the reference completion, whitespace stripped."
+    ),
+    False: "An item is a hit when the prediction is within $40 or 20% of the true price. RMSLE uses log(x+1).",
+}
+LIMITS = {
+    True: "The adapter knows only the kind of tasks in its training data; outside them its answers are guesses.",
+    False: (
+        "The adapter knows only the price range and kinds of products in its training data; outside them its\n"
+        "numbers are guesses."
+    ),
+}
+
+
 def model_card(
     params: Params, hub_id: str, evaluation: dict, data: dict, training: dict, merge_check: dict | None = None
 ) -> str:
-    """The README.md of the exported folder: Hub metadata, usage, metrics, lineage, hyperparameters, limits."""
+    """The README.md of the exported folder: Hub metadata, usage, metrics, lineage, hyperparameters, limits.
+
+    Its wording and metrics follow the data's shape: prices for the price task, loss, perplexity and exact
+    match for prompt/completion and chat data.
+    """
     lora, train, repo_id = params.lora, params.train, params.export.repo_id
     name = repo_id or "path/to/export"
+    text = is_text(evaluation)
+    title, purpose = TASK_TEXT[evaluation.get("shape", "price")]
+    prompt_block = "" if text else f"\n```\n{params.prompt.template}\n```\n"
+    chart = "test loss per item, base against adapter" if text else "truth against prediction"
     hashes = "\n".join(
         f"| {split} | {data[split]['n']} | `{data[split]['sha256'][:16]}` |" for split in ("train", "val", "test")
     )
     return f"""{front_matter(params, hub_id, evaluation, name)}
-# {name.split("/")[-1]}: a QLoRA price predictor on {hub_id}
+# {name.split("/")[-1]}: {title} on {hub_id}
 
-LoRA adapter trained on `{hub_id}` loaded in 4-bit NF4 (QLoRA) to complete a product description
-prompt with its price. Prompt (the description goes in `{{text}}`):
-
-```
-{params.prompt.template}
-```
-
+LoRA adapter trained on `{hub_id}` loaded in 4-bit NF4 (QLoRA) {purpose}
+{prompt_block}
 ## How to load it
 
 ```python
@@ -215,9 +278,9 @@ tokenizer = AutoTokenizer.from_pretrained("{name}")
 
 {comparison_markdown(evaluation)}
 
-An item is a hit when the prediction is within $40 or 20% of the true price. RMSLE uses log(x+1).
+{EVALUATION_NOTE[text]}
 
-![truth against prediction](scatter.png)
+![{chart}](scatter.png)
 
 ## Training
 
@@ -246,8 +309,7 @@ deduplication. Each split's sha256 (of its JSONL file):
 
 ## Limits
 
-The adapter knows only the price range and kinds of products in its training data; outside them its
-numbers are guesses. It was trained for {training.get("steps")} steps and is a pipeline demonstration first.
+{LIMITS[text]} It was trained for {training.get("steps")} steps and is a pipeline demonstration first.
 """
 
 
@@ -328,7 +390,8 @@ def run(params: Params, paths: Paths) -> Result:
             source = paths.root / "reports" / chart
             if source.is_file():
                 shutil.copy2(source, tmp / chart)
-        merge_check = export_merged(paths, params, tmp / "merged") if params.export.merge else None
+        shape = evaluation.get("shape", PRICE)
+        merge_check = export_merged(paths, params, tmp / "merged", shape) if params.export.merge else None
         if merge_check:
             (tmp / "merge_check.json").write_text(json.dumps(merge_check, indent=2) + "\n", encoding="utf-8")
             print(

@@ -1,15 +1,22 @@
-"""Stage `split_data`: load raw price data, clean it, deduplicate it and split it train/val/test.
+"""Stage `split_data`: read raw data, check and clean every row, deduplicate, and split train/val/test.
 
-Reads params `data`. The source is `embedded:diamonds` (the diamonds table shipped with plotnine,
-rendered into product descriptions), a local .csv/.tsv/.jsonl/.json/.parquet file with a text column and a
-price column (put it under data/raw/ so DVC tracks it), or a Hub dataset id (or a local folder in Hub
-layout) read with `datasets.load_dataset` at `revision`, split `hub_split`.
-Cleaning drops rows with a missing, non-numeric or non-positive price, a price outside
-[min_price, max_price], or empty text; duplicates (same text after lower-casing and collapsing spaces)
-keep their first row, so no text is in two splits. The shuffle is seeded and the test set is taken
-first, so changing n_train or n_val never changes the test set.
-Writes data/splits/{train,val,test}.jsonl ({"text", "price"} per line) and metrics/data.json
-(rows in, rows dropped per reason, price statistics and a sha256 of each split).
+Reads params `data`. The source (stages/core/sources.py) is `embedded:diamonds` (the diamonds table
+shipped with plotnine, rendered into product descriptions), a local .csv/.tsv/.jsonl/.json/.parquet file
+(put it under data/raw/ so DVC tracks it), or a Hub dataset id (or a local folder in Hub layout) read
+with `datasets.load_dataset` (config `hub_config`, split `hub_split`, revision `revision`).
+`data.shape` says what a row is and `data.*_column` where its fields are: `price` (text + numeric
+target), `prompt_completion`, or `chat` (a list of role/content turns ending with the assistant's).
+A row with a bad value (missing, non-numeric, non-finite or non-positive price; empty text; an invalid
+conversation; more than `max_row_chars` characters) is dropped, counted and reported with its file, line
+and field; a structural problem (missing, empty, misnamed or non-UTF-8 file, broken row, missing
+column, nothing left, sizes that cannot be met) stops the stage and leaves the previous outputs as they
+were. The course's curation (`scrub`, `min_text_words`, `max_text_words`, `balance_per_price`) applies to
+the price shape. Duplicates (same text after lower-casing and collapsing spaces) keep their first row,
+so no text is in two splits. The shuffle is seeded and the test set is taken first, so changing n_train
+or n_val never changes the test set.
+Writes data/splits/{train,val,test}.jsonl (one row per line, in its shape's fields) and metrics/data.json
+(source, shape, rows in, kept and dropped per reason with examples, and the size, sha256 and price
+statistics of each split).
 
 Run: `python -m stages.split_data` (or `dvc repro split_data`).
 """
@@ -17,22 +24,31 @@ Run: `python -m stages.split_data` (or `dvc repro split_data`).
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import math
-import re
+import sys
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 from stages.core.cli import StageError, run_stage
 from stages.core.config import DataConfig, Params
-from stages.core.io import write_json, write_text
+from stages.core.curation import balanced, cap_words, scrub
+from stages.core.io import atomic_path, write_json
 from stages.core.paths import Paths
+from stages.core.shapes import CHAT, PAIR, PRICE, ROLES, SHAPES, row_key
+from stages.core.sources import Record, columns_of, read_records
 
-EMBEDDED_DIAMONDS = "embedded:diamonds"
 SPLITS = ("train", "val", "test")
-LOCAL_FORMATS = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
+EXAMPLES_PER_REASON = 3  # dropped rows named in the warning and in metrics/data.json, per reason
+REASONS = {
+    PRICE: (
+        "row_too_long", "text_empty", "price_missing", "price_not_numeric", "price_not_finite",
+        "price_not_positive", "price_below_min", "price_above_max", "text_too_short", "text_too_few_words",
+        "duplicate_text", "balanced_sample_cap",
+    ),
+    PAIR: ("row_too_long", "prompt_empty", "completion_empty", "duplicate_text"),
+    CHAT: ("row_too_long", "messages_invalid", "duplicate_text"),
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -42,112 +58,151 @@ class Result:
     sizes: dict[str, int]
 
 
-def describe_diamond(row) -> str:
-    """A product description for one row of the diamonds table (price left out).
+class Dropped(Exception):
+    """A row that cleaning drops: the reason (a key of metrics/data.json), the field and what is wrong."""
 
-    The x/y/z dimensions are left out: they follow from carat and depth and would cost ~20 tokens each.
-    """
-    return (
-        f"Loose diamond, {row['carat']:.2f} carat, {row['cut']} cut, colour {row['color']}, "
-        f"clarity {row['clarity']}, depth {row['depth']:.1f}%, table {row['table']:.0f}%."
-    )
+    def __init__(self, reason: str, field: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.field, self.detail = reason, field, detail
 
 
-def load_diamonds():
-    """The diamonds table from the installed plotnine wheel, as a text/price DataFrame."""
-    import pandas as pd
+def mapped_columns(cfg: DataConfig) -> dict[str, str]:
+    """{params key: source column} that data.shape needs."""
+    if cfg.shape == PRICE:
+        return {"text_column": cfg.text_column, "price_column": cfg.price_column}
+    if cfg.shape == PAIR:
+        return {"prompt_column": cfg.prompt_column, "completion_column": cfg.completion_column}
+    return {"messages_column": cfg.messages_column}
 
+
+def text_value(raw, field: str, reason: str) -> str:
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        raise Dropped(reason, field, "empty or whitespace only")
+    if not isinstance(raw, str):
+        raise Dropped(reason, field, f"not text but {type(raw).__name__} {raw!r:.40}")
+    return raw
+
+
+def check_length(texts: list[str], field: str, cfg: DataConfig) -> None:
+    size = sum(len(text) for text in texts)
+    if size > cfg.max_row_chars:
+        raise Dropped("row_too_long", field, f"{size:,} characters > data.max_row_chars={cfg.max_row_chars:,}")
+
+
+def price_value(raw, cfg: DataConfig) -> float:
+    """The row's price as a float, or Dropped saying why it cannot be one."""
+    field = cfg.price_column
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        raise Dropped("price_missing", field, "no value")
+    if isinstance(raw, bool):
+        raise Dropped("price_not_numeric", field, f"{raw!r} is not a number")
     try:
-        path = Path(importlib.metadata.distribution("plotnine").locate_file("plotnine/data/diamonds.csv"))
-    except importlib.metadata.PackageNotFoundError as exc:
-        raise StageError(f"{EMBEDDED_DIAMONDS} needs plotnine installed (pip install plotnine)") from exc
-    table = pd.read_csv(path)
-    return pd.DataFrame({"text": table.apply(describe_diamond, axis=1), "price": table["price"]})
+        price = float(raw)
+    except (TypeError, ValueError):
+        raise Dropped("price_not_numeric", field, f"{raw!r:.40} is not a number") from None
+    if not math.isfinite(price):
+        raise Dropped("price_not_finite", field, f"{raw!r} is not a finite number")
+    if price <= 0:
+        raise Dropped("price_not_positive", field, f"{price:g} is not positive")
+    if price < cfg.min_price:
+        raise Dropped("price_below_min", field, f"{price:g} < data.min_price={cfg.min_price:g}")
+    if cfg.max_price is not None and price > cfg.max_price:
+        raise Dropped("price_above_max", field, f"{price:g} > data.max_price={cfg.max_price:g}")
+    return price
 
 
-def load_local(path: Path):
-    """A local CSV/TSV/JSONL/JSON/Parquet file as a DataFrame; errors name the file."""
-    import pandas as pd
-
-    suffix = path.suffix.lower()
-    if suffix not in LOCAL_FORMATS:
-        raise StageError(f"{path}: unknown format {suffix!r}; use one of {', '.join(LOCAL_FORMATS)}")
-    if not path.is_file():
-        raise StageError(f"{path}: data file not found")
-    try:
-        if suffix in (".csv", ".tsv"):
-            return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",")
-        if suffix in (".jsonl", ".json"):
-            return pd.read_json(path, lines=suffix == ".jsonl")
-        return pd.read_parquet(path)
-    except Exception as exc:  # pandas raises many types; the user needs the file and the reason
-        raise StageError(f"{path}: cannot be read as {suffix[1:]}: {exc}") from exc
-
-
-def load_hub(cfg: DataConfig, source: str):
-    """A split of a Hub dataset id, or of a local dataset folder in Hub layout, as a DataFrame.
-
-    Both go through `datasets.load_dataset`; offline, Hub ids are read from the local datasets cache.
-    """
-    import datasets
-
-    try:
-        dataset = datasets.load_dataset(source, split=cfg.hub_split, revision=cfg.revision)
-    except Exception as exc:  # network, missing split, missing dataset: all end the stage
-        raise StageError(f"data.source={cfg.source!r} (split {cfg.hub_split!r}) cannot be loaded: {exc}") from exc
-    return dataset.to_pandas()
-
-
-def load_raw(cfg: DataConfig, root: Path):
-    """The raw table named by data.source (relative paths are under `root`), with `text` and `price`
-    columns taken from the mapped ones."""
-    if cfg.source == EMBEDDED_DIAMONDS:
-        return load_diamonds()
-    path = root / cfg.source
-    if path.is_dir():
-        table = load_hub(cfg, str(path))
-    elif path.suffix.lower() in LOCAL_FORMATS or path.exists():
-        table = load_local(path)
-    else:
-        table = load_hub(cfg, cfg.source)
-    missing = [c for c in (cfg.text_column, cfg.price_column) if c not in table.columns]
-    if missing:
-        raise StageError(
-            f"{cfg.source}: column(s) {missing} not found (data.text_column / data.price_column); "
-            f"columns present: {list(table.columns)}"
+def price_row(values: dict, cfg: DataConfig) -> dict:
+    """{"text", "price"} from a raw row, curated as params ask."""
+    field = cfg.text_column
+    text = text_value(values.get(field), field, "text_empty").strip()
+    check_length([text], field, cfg)
+    price = price_value(values.get(cfg.price_column), cfg)
+    if cfg.scrub:
+        text = scrub(text, cfg.scrub_phrases)
+    if len(text) < cfg.min_text_chars:
+        raise Dropped("text_too_short", field, f"{len(text)} characters < data.min_text_chars={cfg.min_text_chars}")
+    if len(text.split()) < cfg.min_text_words:
+        raise Dropped(
+            "text_too_few_words", field, f"{len(text.split())} words < data.min_text_words={cfg.min_text_words}"
         )
-    return table[[cfg.text_column, cfg.price_column]].set_axis(["text", "price"], axis=1)
+    return {"text": cap_words(text, cfg.max_text_words), "price": price}
 
 
-def normalise(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip().lower()
+def pair_row(values: dict, cfg: DataConfig) -> dict:
+    """{"prompt", "completion"} from a raw row, both kept verbatim."""
+    prompt = text_value(values.get(cfg.prompt_column), cfg.prompt_column, "prompt_empty")
+    completion = text_value(values.get(cfg.completion_column), cfg.completion_column, "completion_empty")
+    check_length([prompt, completion], cfg.prompt_column, cfg)
+    return {"prompt": prompt, "completion": completion}
 
 
-def clean(table, cfg: DataConfig) -> tuple[list[dict], Counter]:
-    """Rows that pass cleaning and deduplication, and how many were dropped for each reason."""
-    dropped: Counter = Counter()
-    kept: list[dict] = []
-    seen: set[str] = set()
-    for text, raw_price in zip(table["text"], table["price"], strict=True):
+def conversation(raw, field: str) -> list:
+    """The raw messages value as a list: JSON text (CSV) and arrays (Parquet) are accepted."""
+    if isinstance(raw, str):
         try:
-            price = float(raw_price)
-        except (TypeError, ValueError):
-            dropped["price_not_numeric"] += 1
+            raw = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise Dropped("messages_invalid", field, f"not a JSON list ({exc.msg})") from None
+    if hasattr(raw, "tolist"):
+        raw = raw.tolist()
+    if not isinstance(raw, list) or not raw:
+        raise Dropped("messages_invalid", field, "not a non-empty list of turns")
+    return raw
+
+
+def chat_row(values: dict, cfg: DataConfig) -> dict:
+    """{"messages": [{"role", "content"}, ...]}: known roles, non-empty contents, a user turn, and an
+    assistant turn last (the one evaluation compares against)."""
+    field = cfg.messages_column
+    messages = []
+    for number, turn in enumerate(conversation(values.get(field), field), start=1):
+        if not isinstance(turn, dict) or turn.get("role") not in ROLES:
+            raise Dropped("messages_invalid", field, f"turn {number} has no role among {ROLES}")
+        if not isinstance(turn.get("content"), str) or not turn["content"].strip():
+            raise Dropped("messages_invalid", field, f"turn {number} has empty content")
+        messages.append({"role": turn["role"], "content": turn["content"]})
+    if messages[-1]["role"] != "assistant" or not any(m["role"] == "user" for m in messages):
+        raise Dropped("messages_invalid", field, "needs a user turn and must end with an assistant turn")
+    check_length([m["content"] for m in messages], field, cfg)
+    return {"messages": messages}
+
+
+ROW_BUILDERS = {PRICE: price_row, PAIR: pair_row, CHAT: chat_row}
+
+
+def check_columns(cfg: DataConfig, label: str, records: list[Record]) -> None:
+    """StageError naming the params key when a mapped column is absent from every row."""
+    present = columns_of(records)
+    missing = {key: column for key, column in mapped_columns(cfg).items() if column not in present}
+    if missing:
+        named = ", ".join(f"data.{key}={column!r}" for key, column in missing.items())
+        raise StageError(f"{label}: column(s) not found: {named}; columns present: {present}")
+
+
+def clean(records: list[Record], cfg: DataConfig) -> tuple[list[dict], Counter, dict[str, list[str]]]:
+    """Rows that pass checks and deduplication; drops per reason; a few 'where: field: why' per reason."""
+    dropped: Counter = Counter()
+    examples: dict[str, list[str]] = {}
+    kept: list[dict] = []
+    first_seen: dict[str, str] = {}
+    for record in records:
+        try:
+            row = ROW_BUILDERS[cfg.shape](record.values, cfg)
+            key = row_key(row)
+            if key in first_seen:
+                raise Dropped("duplicate_text", next(iter(mapped_columns(cfg).values())), f"same as {first_seen[key]}")
+        except Dropped as drop:
+            dropped[drop.reason] += 1
+            if len(examples.setdefault(drop.reason, [])) < EXAMPLES_PER_REASON:
+                examples[drop.reason].append(f"{record.where}: field {drop.field!r}: {drop.detail}")
             continue
-        if not math.isfinite(price):
-            dropped["price_missing_or_infinite"] += 1
-        elif price <= 0 or price < cfg.min_price:
-            dropped["price_too_low"] += 1
-        elif cfg.max_price is not None and price > cfg.max_price:
-            dropped["price_too_high"] += 1
-        elif not isinstance(text, str) or len(text.strip()) < max(cfg.min_text_chars, 1):
-            dropped["text_empty_or_short"] += 1
-        elif (key := normalise(text)) in seen:
-            dropped["duplicate_text"] += 1
-        else:
-            seen.add(key)
-            kept.append({"text": text.strip(), "price": price})
-    return kept, dropped
+        first_seen[key] = record.where
+        kept.append(row)
+    if cfg.shape == PRICE and cfg.balance_per_price > 0:
+        capped = balanced(kept, cfg.balance_per_price, cfg.seed)
+        dropped["balanced_sample_cap"] += len(kept) - len(capped)
+        kept = capped
+    return kept, dropped, examples
 
 
 def split(rows: list[dict], cfg: DataConfig) -> dict[str, list[dict]]:
@@ -167,35 +222,73 @@ def split(rows: list[dict], cfg: DataConfig) -> dict[str, list[dict]]:
     return {"test": shuffled[: cfg.n_test], "val": shuffled[cfg.n_test : end_val], "train": shuffled[end_val:end_train]}
 
 
+def check_no_shared_text(splits: dict[str, list[dict]]) -> None:
+    """StageError naming both places when the same text (normalised) is in two splits."""
+    owner: dict[str, str] = {}
+    for name in SPLITS:
+        for line, row in enumerate(splits[name], start=1):
+            where = f"{name}.jsonl:{line}"
+            first = owner.setdefault(row_key(row), where)
+            if first.split(".")[0] != name:
+                raise StageError(f"the same text is in {first} and {where}: the test set would leak; nothing written")
+
+
 def price_stats(rows: list[dict]) -> dict[str, float]:
     prices = sorted(r["price"] for r in rows)
-    return {
-        "mean": sum(prices) / len(prices),
-        "median": prices[len(prices) // 2],
-        "min": prices[0],
-        "max": prices[-1],
-    }
+    if not prices:
+        return {}
+    return {"mean": sum(prices) / len(prices), "median": prices[len(prices) // 2], "min": prices[0], "max": prices[-1]}
+
+
+def warn_dropped(dropped: Counter, examples: dict[str, list[str]]) -> None:
+    for reason, count in sorted(dropped.items()):
+        if count:
+            shown = "; ".join(examples.get(reason, []))
+            print(f"[split_data] warning: {count} row(s) dropped ({reason}), e.g. {shown}", file=sys.stderr)
+
+
+def write_splits(paths: Paths, splits: dict[str, list[dict]]) -> dict[str, str]:
+    """Write the three JSONL files as one folder swap; return each file's sha256."""
+    hashes = {}
+    with atomic_path(paths.splits) as tmp:
+        tmp.mkdir()
+        for name in SPLITS:
+            body = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in splits[name]).encode("utf-8")
+            (tmp / f"{name}.jsonl").write_bytes(body)
+            hashes[name] = hashlib.sha256(body).hexdigest()
+    return hashes
 
 
 def run(params: Params, paths: Paths) -> Result:
-    """Load, clean, deduplicate and split params.data; write the splits and metrics/data.json."""
+    """Read, check, clean, deduplicate and split params.data; write the splits and metrics/data.json.
+
+    Every check runs before the first write, so a failure leaves the previous outputs untouched.
+    """
     cfg = params.data
-    table = load_raw(cfg, paths.root)
-    rows, dropped = clean(table, cfg)
+    if cfg.shape not in SHAPES:
+        raise StageError(f"data.shape: expected one of {SHAPES}, got {cfg.shape!r}")
+    label, records = read_records(cfg, paths.root)
+    check_columns(cfg, label, records)
+    rows, dropped, examples = clean(records, cfg)
+    warn_dropped(dropped, examples)
+    if not rows:
+        raise StageError(f"{label}: no rows left after cleaning ({len(records)} in, dropped {dict(dropped)})")
     splits = split(rows, cfg)
-    summary: dict = {"rows_in": len(table), "rows_kept": len(rows), "dropped": dict(sorted(dropped.items()))}
+    check_no_shared_text(splits)
+    hashes = write_splits(paths, splits)
+    summary: dict = {
+        "source": label, "shape": cfg.shape, "rows_in": len(records), "rows_kept": len(rows),
+        "rows_dropped": sum(dropped.values()), "dropped": {reason: dropped[reason] for reason in REASONS[cfg.shape]},
+        "dropped_examples": examples,
+    }  # fmt: skip
     for name in SPLITS:
-        body = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in splits[name])
-        write_text(paths.split(name), body)
-        summary[name] = {
-            "n": len(splits[name]),
-            "price": price_stats(splits[name]),
-            "sha256": hashlib.sha256(body.encode("utf-8")).hexdigest(),
-        }
+        summary[name] = {"n": len(splits[name]), "sha256": hashes[name]}
+        if cfg.shape == PRICE:
+            summary[name]["price"] = price_stats(splits[name])
     write_json(paths.data_metrics, summary)
     sizes = {name: len(splits[name]) for name in SPLITS}
-    print(f"{len(table)} rows in, {len(rows)} kept, dropped {dict(dropped) or 'none'}; splits {sizes}")
-    return Result(rows_in=len(table), dropped=dict(dropped), sizes=sizes)
+    print(f"{len(records)} rows in, {len(rows)} kept, {summary['rows_dropped']} dropped; splits {sizes}")
+    return Result(rows_in=len(records), dropped=dict(dropped), sizes=sizes)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,10 +1,12 @@
 """Stage `tokenize_data`: turn the train and validation splits into token ids with completion-only labels.
 
 Reads data/splits/{train,val}.jsonl, the tokenizer in models/base/, and params `prompt` (template,
-completion, max_length, add_eos). Each example is the prompt (the template with the description)
-followed by the completion (the price, e.g. "99.00", then EOS); prompt tokens are labelled -100 so the
-loss covers the completion only. Descriptions too long for max_length are cut and counted.
-Stops with an error naming the split file and line when an example's completion does not fit.
+completion, max_length, add_eos). The rows' fields give the shape (stages/core/shapes.py): a price row
+becomes the prompt (the template with the description) followed by the completion (the price, e.g.
+"99.00", then EOS); a prompt/completion row is used verbatim (completion then EOS); a chat row is rendered
+with the base model's chat template. Prompt tokens (all but the assistant turns, for chat) are labelled
+-100 so the loss covers the completion only. Examples too long for max_length are cut and counted.
+Stops with an error naming the split file and line when an example keeps no label token.
 Writes data/tokenized/{train,val} (Hugging Face datasets, arrow), metrics/tokens.json,
 plots/token_lengths.csv and reports/token_lengths.png.
 
@@ -22,7 +24,8 @@ from stages.core.config import Params, PromptConfig
 from stages.core.io import atomic_path, read_jsonl, write_csv, write_json
 from stages.core.modeling import load_tokenizer
 from stages.core.paths import Paths
-from stages.core.prompts import IGNORE_INDEX, encode_example, render_completion
+from stages.core.prompts import IGNORE_INDEX
+from stages.core.shapes import CHAT, TARGET_FIELD, encode_row, require_chat_template, split_shape
 
 TOKENIZED_SPLITS = ("train", "val")
 HISTOGRAM_BIN = 8  # tokens per bar of the DVC length plot
@@ -36,22 +39,19 @@ class Result:
 
 
 def encode_split(tokenizer, rows: list[dict], cfg: PromptConfig, where: str) -> tuple[dict[str, list], int]:
-    """Columns input_ids/labels for `rows`, and how many were truncated; `where` names the file in errors."""
+    """Columns input_ids/labels for `rows` (of any one shape), and how many were truncated; `where` names
+    the file in errors."""
+    shape = split_shape(rows, where)
+    if shape == CHAT:
+        require_chat_template(tokenizer, where)
     columns: dict[str, list] = {"input_ids": [], "labels": []}
     truncated = 0
     for line, row in enumerate(rows, start=1):
-        encoded = encode_example(
-            tokenizer,
-            cfg.template,
-            row["text"],
-            render_completion(cfg.completion, row["price"]),
-            cfg.max_length,
-            cfg.add_eos,
-        )
+        encoded = encode_row(tokenizer, row, shape, cfg)
         if not encoded.completion_fits or all(label == IGNORE_INDEX for label in encoded.labels):
             raise StageError(
-                f"{where}:{line}: field 'price' gives a completion that does not fit in prompt.max_length="
-                f"{cfg.max_length} tokens, so the example would not teach the whole price; raise max_length"
+                f"{where}:{line}: field {TARGET_FIELD[shape]!r} gives a completion that does not fit in "
+                f"prompt.max_length={cfg.max_length} tokens, so the example would teach nothing; raise max_length"
             )
         columns["input_ids"].append(encoded.input_ids)
         columns["labels"].append(encoded.labels)
@@ -80,8 +80,6 @@ def run(params: Params, paths: Paths) -> Result:
         columns, truncated[name] = encode_split(tokenizer, read_jsonl(source), cfg, str(source))
         encoded[name] = Dataset.from_dict(columns)
         lengths[name] = [len(ids) for ids in columns["input_ids"]]
-        if not lengths[name]:
-            raise StageError(f"{source}: no examples to tokenize")
     with atomic_path(paths.tokenized) as tmp:
         DatasetDict(encoded).save_to_disk(str(tmp))
     report = {

@@ -10,7 +10,7 @@ import pytest
 
 from stages import split_data
 from stages.core.config import params_from_dict
-from stages.core.io import read_jsonl
+from stages.core.io import InputError, read_jsonl
 from stages.core.paths import Paths
 from tests.conftest import REPO_ROOT, price_rows
 
@@ -31,13 +31,15 @@ def test_embedded_diamonds_render_real_prices(tmp_path):
     assert "carat" in row["text"] and "clarity" in row["text"] and row["price"] > 0
 
 
-@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl", ".json", ".parquet"])
 def test_local_formats(project, suffix):
     table = pd.DataFrame(price_rows(60)).rename(columns={"text": "description", "price": "usd"})
     path = project / "data" / "raw" / f"items{suffix}"
     {
         ".csv": lambda: table.to_csv(path, index=False),
+        ".tsv": lambda: table.to_csv(path, index=False, sep="\t"),
         ".jsonl": lambda: table.to_json(path, orient="records", lines=True),
+        ".json": lambda: table.to_json(path, orient="records"),
         ".parquet": lambda: table.to_parquet(path),
     }[suffix]()
     result, _ = run_with(project, source=str(path), text_column="description", price_column="usd")
@@ -52,6 +54,27 @@ def test_dataset_folder_goes_through_datasets_load_dataset(project):
     assert result.rows_in == 50 and result.sizes["test"] == 10
 
 
+def test_hub_config_and_split_of_a_local_dataset_folder(project):
+    """A folder in Hub layout whose README declares two configurations, read as `datasets` reads a Hub
+    repository: data.hub_config picks the configuration, data.hub_split the split."""
+    folder = project / "data" / "raw" / "hub-configs"
+    for config, n in (("small", 40), ("large", 70)):
+        (folder / config).mkdir(parents=True)
+        rows = pd.DataFrame(price_rows(n)).rename(columns={"text": "description"})
+        rows.to_json(folder / config / "train.jsonl", orient="records", lines=True)
+    (folder / "README.md").write_text(
+        "---\nconfigs:\n"
+        "- config_name: small\n  data_files:\n  - split: train\n    path: small/train.jsonl\n"
+        "- config_name: large\n  data_files:\n  - split: train\n    path: large/train.jsonl\n---\n",
+        encoding="utf-8",
+    )
+    result, paths = run_with(project, source="data/raw/hub-configs", hub_config="large", text_column="description")
+    assert result.rows_in == 70
+    assert json.loads(paths.data_metrics.read_text())["source"] == "data/raw/hub-configs"
+    with pytest.raises(InputError, match="config 'medium'"):
+        run_with(project, source="data/raw/hub-configs", hub_config="medium", text_column="description")
+
+
 def test_unknown_hub_dataset_fails_clearly(project):
     (project / "params.yaml").write_text("data:\n  source: no-such-owner/no-such-dataset\n", encoding="utf-8")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
@@ -59,7 +82,7 @@ def test_unknown_hub_dataset_fails_clearly(project):
         [sys.executable, "-m", "stages.split_data"], cwd=project, env=env, capture_output=True, text=True, check=False
     )
     assert done.returncode == 1
-    assert "data.source='no-such-owner/no-such-dataset' (split 'train') cannot be loaded" in done.stderr
+    assert "data.source='no-such-owner/no-such-dataset' (config None, split 'train') cannot be loaded" in done.stderr
 
 
 def test_cleaning_counts_every_dropped_row(project):
@@ -76,9 +99,9 @@ def test_cleaning_counts_every_dropped_row(project):
     pd.DataFrame(rows).to_csv(project / "data" / "raw" / "prices.csv", index=False)
     result, paths = run_with(project, n_train=-1)
     assert result.dropped == {
-        "price_too_low": 2,
-        "price_missing_or_infinite": 1,
-        "text_empty_or_short": 1,
+        "price_not_positive": 2,
+        "price_missing": 1,
+        "text_empty": 1,
         "price_not_numeric": 1,
         "duplicate_text": 1,
     }
@@ -117,7 +140,7 @@ def test_impossible_sizes_fail_and_keep_previous_outputs(project):
 
 
 def test_missing_column_is_named(project):
-    with pytest.raises(split_data.StageError, match=r"\['cost'\] not found"):
+    with pytest.raises(split_data.StageError, match=r"not found: data.price_column='cost'"):
         run_with(project, price_column="cost")
 
 

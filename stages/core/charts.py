@@ -83,3 +83,20 @@ def price_scatter(truths: list[float], predictions: list[float], bands: list[str
     ax.set_title(title)
     ax.legend(loc="upper left")
     _save(fig, path)
+
+
+def loss_scatter(base: list[float], adapter: list[float], title: str, path: Path) -> None:
+    """Each test item's completion loss, zero-shot base (x) against adapter (y), with the y = x line:
+    points below it are items the adapter learned."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 7))
+    ax.scatter(base, adapter, s=12, c="tab:blue", alpha=0.8, label=f"test items ({len(base)})")
+    top = max([*base, *adapter, 1e-3]) * 1.05
+    ax.plot([0, top], [0, top], color="tab:gray", linewidth=1, label="y = x (no change)")
+    ax.set_xlim(0, top)
+    ax.set_ylim(0, top)
+    ax.set_xlabel("base model, zero-shot: loss per completion token")
+    ax.set_ylabel("adapter: loss per completion token")
+    ax.set_title(title)
+    ax.legend(loc="upper left")
+    _save(fig, path)

@@ -32,12 +32,23 @@ class BaseModelConfig:
 class DataConfig:
     source: str = "embedded:diamonds"  # "embedded:diamonds", a .csv/.jsonl/.parquet path, or a Hub dataset id
     revision: str | None = None  # Hub dataset revision
+    hub_config: str | None = None  # Hub dataset configuration (subset) name
     hub_split: str = "train"  # split of the Hub dataset to read
+    shape: str = "price"  # "price" (text + numeric target), "prompt_completion" or "chat"
     text_column: str = "text"
     price_column: str = "price"
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    messages_column: str = "messages"
+    max_row_chars: int = 50000  # rows whose mapped text is longer are dropped and counted
     min_price: float = 0.01
     max_price: float | None = None
     min_text_chars: int = 1
+    scrub: bool = False  # price shape: remove scrub_phrases and part-number-like words
+    scrub_phrases: list[str] = field(default_factory=list)
+    min_text_words: int = 0  # price shape: fewer words (after scrubbing) drop the row; 0 = off
+    max_text_words: int = 0  # price shape: longer descriptions are cut to this many words; 0 = off
+    balance_per_price: int = 0  # price shape: at most this many rows per whole-dollar price; 0 = off
     seed: int = 42
     n_test: int = 200
     n_val: int = 50

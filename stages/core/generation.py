@@ -1,4 +1,5 @@
-"""Batched greedy price generation: left padding, and a stop as soon as every number is complete."""
+"""Batched greedy generation (left padding; for prices a stop as soon as every number is complete) and
+per-example completion losses for the prompt/completion and chat shapes."""
 
 from __future__ import annotations
 
@@ -38,8 +39,20 @@ def build_prompts(tokenizer, rows: list[dict], cfg: PromptConfig, max_new_tokens
     return [truncate_prompt(tokenizer, cfg.template, r["text"], cfg.max_length - max_new_tokens) for r in rows]
 
 
-def generate(model, tokenizer, prompts: list[str], cfg: EvaluateConfig, desc: str) -> list[str]:
-    """Greedy completions of `prompts` in batches of cfg.batch_size (left padded), with a progress bar."""
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    cfg: EvaluateConfig,
+    desc: str,
+    stop_at_number: bool = True,
+    add_special_tokens: bool = True,
+) -> list[str]:
+    """Greedy completions of `prompts` in batches of cfg.batch_size (left padded), with a progress bar.
+
+    `stop_at_number` ends a row once it holds a complete number (prices); otherwise rows end at EOS or
+    cfg.max_new_tokens. `add_special_tokens=False` for prompts that carry them already (chat templates).
+    """
     import torch
     from tqdm.auto import tqdm
     from transformers import StoppingCriteriaList
@@ -47,16 +60,22 @@ def generate(model, tokenizer, prompts: list[str], cfg: EvaluateConfig, desc: st
     tokenizer.padding_side = "left"
     outputs: list[str] = []
     for start in tqdm(range(0, len(prompts), cfg.batch_size), desc=desc, unit="batch"):
-        batch = tokenizer(prompts[start : start + cfg.batch_size], return_tensors="pt", padding=True)
+        batch = tokenizer(
+            prompts[start : start + cfg.batch_size],
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=add_special_tokens,
+        )
         batch = batch.to(model.device)
         prompt_length = batch["input_ids"].shape[1]
+        stoppers = [number_stopper(tokenizer, prompt_length)] if stop_at_number else []
         with torch.inference_mode():
             generated = model.generate(
                 **batch,
                 max_new_tokens=cfg.max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
-                stopping_criteria=StoppingCriteriaList([number_stopper(tokenizer, prompt_length)]),
+                stopping_criteria=StoppingCriteriaList(stoppers),
             )
         outputs += tokenizer.batch_decode(generated[:, prompt_length:], skip_special_tokens=True)
     return outputs
@@ -95,3 +114,29 @@ def topk_estimates(model, tokenizer, prompts: list[str], k: int, batch_size: int
             total = sum(p for _, p in numeric)
             estimates.append(sum(v * p for v, p in numeric) / total if total > 0 else None)
     return estimates
+
+
+def completion_losses(model, encoded: list, pad_token_id: int, batch_size: int) -> list[tuple[float, int]]:
+    """(summed cross-entropy, label tokens) per encoded example (`stages.core.prompts.Encoded`): the loss
+    training minimises, on the completion (or assistant) tokens only, computed in right-padded batches."""
+    import torch
+
+    from stages.core.prompts import IGNORE_INDEX
+
+    results: list[tuple[float, int]] = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start : start + batch_size]
+        width = max(len(e.input_ids) for e in chunk)
+        ids = torch.tensor([e.input_ids + [pad_token_id] * (width - len(e.input_ids)) for e in chunk])
+        labels = torch.tensor([e.labels + [IGNORE_INDEX] * (width - len(e.labels)) for e in chunk])
+        mask = torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in chunk])
+        with torch.inference_mode():
+            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
+        targets = labels[:, 1:].to(logits.device)
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        counted = targets != IGNORE_INDEX
+        for row_loss, row_counted in zip(losses, counted, strict=True):
+            results.append((float(row_loss[row_counted].sum()), int(row_counted.sum())))
+    return results

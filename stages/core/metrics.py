@@ -69,3 +69,22 @@ def price_metrics(
         "unparsed": sum(p is None for p in predictions),
         **interval,
     }
+
+
+def text_metrics(losses: Sequence[tuple[float, int]], outputs: Sequence[str], references: Sequence[str]) -> dict:
+    """For prompt/completion and chat data: the loss per completion token over all items (token-weighted,
+    as training reports it), its perplexity exp(loss), and the share of greedy outputs that equal the
+    reference completion exactly (both stripped of surrounding whitespace)."""
+    if not (len(losses) == len(outputs) == len(references)) or not losses:
+        raise ValueError("need one loss, output and reference per item, and at least one item")
+    tokens = sum(count for _, count in losses)
+    loss = sum(total for total, _ in losses) / max(tokens, 1)
+    matches = sum(o.strip() == r.strip() for o, r in zip(outputs, references, strict=True))
+    return {
+        "n": len(losses),
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 700.0)),  # exp overflows a float beyond ~709
+        "exact_match": matches / len(losses),
+        "exact_matches": matches,
+        "completion_tokens": tokens,
+    }

@@ -23,3 +23,19 @@ def test_table_rows_in_order_with_interval():
 def test_markdown_table():
     table = comparison_markdown(METRICS)
     assert "| fine-tuned adapter | 864.04 | [760, 976] | 0.266 | 55.0% | 0 |" in table
+
+
+def test_data_markdown_lists_drops_and_hashes():
+    from stages.core.report import data_markdown
+
+    data = {
+        "source": "data/raw/items.csv", "shape": "price", "rows_in": 95, "rows_kept": 90, "rows_dropped": 5,
+        "dropped": {"price_not_numeric": 4, "text_empty": 1, "row_too_long": 0},
+        "dropped_examples": {"price_not_numeric": ["items.csv:7: field 'price': 'n|a' is not a number"]},
+        **{name: {"n": 30, "sha256": name * 8} for name in ("train", "val", "test")},
+    }  # fmt: skip
+    table = data_markdown(data)
+    assert "`data/raw/items.csv` (price): 95 rows in, 90 kept, 5 dropped." in table
+    assert "| price_not_numeric | 4 | items.csv:7: field 'price': 'n\\|a' is not a number |" in table
+    assert "| text_empty | 1 |  |" in table and "row_too_long" not in table
+    assert "| test | 30 | `testtesttesttesttesttesttesttest` |" in table
