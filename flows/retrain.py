@@ -42,7 +42,7 @@ from stages.core.cli import TRANSIENT_EXIT
 from stages.core.config import Params, load_params
 from stages.core.io import read_json
 from stages.core.paths import Paths
-from stages.core.report import comparison_markdown, comparison_table
+from stages.core.report import comparison_markdown, comparison_table, data_markdown
 from stages.core.tracking import client_for, shown_uri, start_pipeline_run, tracking_uri
 
 STAGES = (
@@ -161,11 +161,11 @@ def promotion_lines(record: dict) -> str:
     return f"`{name}` version {version}: {verdict}. Why: {record['reason']}."
 
 
-def trained_report(metrics: dict, record: dict, changes: str, hint: str, stage_seconds: dict) -> str:
+def trained_report(metrics: dict, record: dict, data: dict, changes: str, hint: str, stage_seconds: dict) -> str:
     timings = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in stage_seconds.items())
     return (
         f"# Retrain report: retrained\n\n## Comparison on the test set\n\n{comparison_markdown(metrics)}\n\n"
-        f"## Promotion\n\n{promotion_lines(record)}\n\n{hint}\n\n"
+        f"## Promotion\n\n{promotion_lines(record)}\n\n{hint}\n\n## Data\n\n{data_markdown(data)}\n\n"
         f"## What changed\n\n```\n{changes}\n```\n\nStage times (dvc repro, skips included): {timings}\n"
     )
 
@@ -228,7 +228,8 @@ def retrain_changed(paths: Paths, params: Params, changes: str) -> dict:
     metrics = read_json(paths.eval_metrics)
     if record.get("previous_champion"):
         metrics["champion"] = record["previous_champion"]
-    publish(trained_report(metrics, record, changes, hint, stage_seconds), "retrained")
+    data = read_json(paths.data_metrics)
+    publish(trained_report(metrics, record, data, changes, hint, stage_seconds), "retrained")
     timings = ", ".join(f"{stage} {seconds:.0f}s" for stage, seconds in stage_seconds.items())
     print(
         f"\n{comparison_table(metrics)}\n\n{promotion_lines(record)}\n"

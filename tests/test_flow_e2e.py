@@ -275,6 +275,7 @@ def test_a_second_flow_on_a_busy_workspace_stops_and_the_first_finishes(flow_pro
     assert "current champion (MLflow)" in output and record["reason"] in output  # the table and the verdict
     report = latest_report(root, env)
     assert "Retrain report: retrained" in report and "promoted to `champion`" in report and record["run_id"] in report
+    assert "| split | rows | sha256 |" in report  # the data report
 
 
 def test_new_rows_retrain_from_the_split_and_register_a_version(flow_project):

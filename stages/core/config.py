@@ -125,7 +125,7 @@ class TrackingConfig:
     experiment: str = "qlora-price"
     registered_model: str = "qlora-price-adapter"  # MLflow registry name; its `champion` alias is compared
     tracking_uri: str | None = None  # default: sqlite:///<project root>/mlflow.db
-    primary_metric: str = "avg_error"  # key of the adapter's row in metrics/eval.json that decides promotion
+    primary_metric: str = "auto"  # key of the adapter's row in metrics/eval.json that decides promotion
     greater_is_better: bool = False
     min_improvement: float = 0.0  # in the metric's units: a challenger must beat the champion by more
 

@@ -36,8 +36,13 @@ class Gate:
     min_improvement: float
 
     @classmethod
-    def from_params(cls, cfg: TrackingConfig) -> Gate:
-        return cls(cfg.primary_metric, cfg.greater_is_better, cfg.min_improvement)
+    def from_params(cls, cfg: TrackingConfig, evaluation: dict) -> Gate:
+        """The gate for `tracking`; `primary_metric: auto` is avg_error for prices and the test loss for
+        prompt/completion and chat data (metrics/eval.json's "shape"), both lower is better."""
+        if cfg.primary_metric != "auto":
+            return cls(cfg.primary_metric, cfg.greater_is_better, cfg.min_improvement)
+        metric = "avg_error" if evaluation.get("shape", "price") == "price" else "loss"
+        return cls(metric, greater_is_better=False, min_improvement=cfg.min_improvement)
 
     def improvement(self, new: float, old: float) -> float:
         """How much `new` is better than `old` (negative when worse)."""
@@ -146,7 +151,7 @@ def register_adapter(
     """
     from mlflow.exceptions import MlflowException
 
-    gate = Gate.from_params(cfg)
+    gate = Gate.from_params(cfg, evaluation)
     adapter_row = evaluation.get("adapter") or {}
     if gate.metric not in adapter_row:
         raise KeyError(

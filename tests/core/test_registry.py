@@ -71,6 +71,14 @@ def test_a_missing_metric_is_never_promoted():
     assert decision.alias == CHALLENGER and "nothing to compare" in decision.reason
 
 
+def test_auto_metric_follows_the_shape_of_the_data():
+    auto = TrackingConfig(primary_metric="auto", greater_is_better=True, min_improvement=1.0)
+    assert Gate.from_params(auto, {"adapter": {}}) == Gate("avg_error", False, 1.0)
+    assert Gate.from_params(auto, {"shape": "chat", "adapter": {}}) == Gate("loss", False, 1.0)
+    explicit = TrackingConfig(primary_metric="hit_rate", greater_is_better=True)
+    assert Gate.from_params(explicit, {"adapter": {}}) == Gate("hit_rate", True, 0.0)
+
+
 def test_negative_margin_is_rejected():
     with pytest.raises(ConfigError, match=r"tracking\.min_improvement"):
         params_from_dict({"tracking": {"min_improvement": -1}})
