@@ -13,7 +13,8 @@ column, nothing left, sizes that cannot be met) stops the stage and leaves the p
 were. The course's curation (`scrub`, `min_text_words`, `max_text_words`, `balance_per_price`) applies to
 the price shape. Duplicates (same text after lower-casing and collapsing spaces) keep their first row,
 so no text is in two splits. The shuffle is seeded and the test set is taken first, so changing n_train
-or n_val never changes the test set.
+or n_val never changes the test set; new rows can, unless `data.test_split` pins it (a kept copy of an
+earlier test.jsonl, used as the test split as is).
 Writes data/splits/{train,val,test}.jsonl (one row per line, in its shape's fields) and metrics/data.json
 (source, shape, rows in, kept and dropped per reason with examples, and the size, sha256 and price
 statistics of each split).
@@ -33,9 +34,9 @@ from dataclasses import dataclass
 from stages.core.cli import StageError, run_stage
 from stages.core.config import DataConfig, Params
 from stages.core.curation import balanced, cap_words, scrub
-from stages.core.io import atomic_path, write_json
+from stages.core.io import atomic_path, read_jsonl, write_json
 from stages.core.paths import Paths
-from stages.core.shapes import CHAT, PAIR, PRICE, ROLES, SHAPES, row_key
+from stages.core.shapes import CHAT, PAIR, PRICE, ROLES, SHAPES, row_key, split_shape
 from stages.core.sources import Record, columns_of, read_records
 
 SPLITS = ("train", "val", "test")
@@ -205,21 +206,43 @@ def clean(records: list[Record], cfg: DataConfig) -> tuple[list[dict], Counter, 
     return kept, dropped, examples
 
 
-def split(rows: list[dict], cfg: DataConfig) -> dict[str, list[dict]]:
-    """Seeded shuffle, then test, val and train in that order (n_train -1 takes all the rest)."""
+def split(rows: list[dict], cfg: DataConfig, pinned_test: list[dict] | None = None) -> dict[str, list[dict]]:
+    """Seeded shuffle, then test, val and train in that order (n_train -1 takes all the rest). With a
+    pinned test set, it is the test split as given, and its texts are left out of the shuffle."""
     import numpy as np
 
-    wanted = cfg.n_test + cfg.n_val + max(cfg.n_train, 1)
+    if pinned_test is not None:
+        pinned = {row_key(row) for row in pinned_test}
+        rows = [row for row in rows if row_key(row) not in pinned]
+    n_test = 0 if pinned_test is not None else cfg.n_test
+    wanted = n_test + cfg.n_val + max(cfg.n_train, 1)
     if len(rows) < wanted:
         raise StageError(
-            f"data: {len(rows)} rows after cleaning, but n_test + n_val + n_train needs {wanted}; "
-            "lower the sizes in params.yaml or bring more data"
+            f"data: {len(rows)} rows after cleaning{' and leaving out the pinned test set' if n_test == 0 else ''}, "
+            f"but n_test + n_val + n_train needs {wanted}; lower the sizes in params.yaml or bring more data"
         )
     order = np.random.default_rng(cfg.seed).permutation(len(rows))
     shuffled = [rows[i] for i in order]
-    end_val = cfg.n_test + cfg.n_val
+    end_val = n_test + cfg.n_val
     end_train = len(rows) if cfg.n_train < 0 else end_val + cfg.n_train
-    return {"test": shuffled[: cfg.n_test], "val": shuffled[cfg.n_test : end_val], "train": shuffled[end_val:end_train]}
+    test = pinned_test if pinned_test is not None else shuffled[:n_test]
+    return {"test": test, "val": shuffled[n_test:end_val], "train": shuffled[end_val:end_train]}
+
+
+def read_pinned_test(cfg: DataConfig, root) -> list[dict] | None:
+    """The rows of `data.test_split` (None when unset), checked to be of the data's shape."""
+    if cfg.test_split is None:
+        return None
+    path = root / cfg.test_split
+    if not path.is_file():
+        raise StageError(f"data.test_split: {cfg.test_split} not found; copy an earlier data/splits/test.jsonl there")
+    rows = read_jsonl(path)
+    if not rows:
+        raise StageError(f"data.test_split: {cfg.test_split} holds no rows")
+    shape = split_shape(rows, cfg.test_split)
+    if shape != cfg.shape:
+        raise StageError(f"data.test_split: {cfg.test_split} holds {shape} rows but data.shape is {cfg.shape}")
+    return rows
 
 
 def check_no_shared_text(splits: dict[str, list[dict]]) -> None:
@@ -273,7 +296,7 @@ def run(params: Params, paths: Paths) -> Result:
     warn_dropped(dropped, examples)
     if not rows:
         raise StageError(f"{label}: no rows left after cleaning ({len(records)} in, dropped {dict(dropped)})")
-    splits = split(rows, cfg)
+    splits = split(rows, cfg, read_pinned_test(cfg, paths.root))
     check_no_shared_text(splits)
     hashes = write_splits(paths, splits)
     summary: dict = {

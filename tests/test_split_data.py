@@ -124,6 +124,28 @@ def test_test_set_is_frozen_when_train_size_changes(project):
     assert len(read_jsonl(paths.split("train"))) == 40
 
 
+def test_a_pinned_test_set_survives_new_rows(project):
+    _, paths = run_with(project)
+    pinned = project / "data" / "raw" / "test-pinned.jsonl"
+    pinned.write_bytes(paths.split("test").read_bytes())
+    first_hash = json.loads(paths.data_metrics.read_text())["test"]["sha256"]
+    raw = project / "data" / "raw" / "prices.csv"
+    more = pd.DataFrame(price_rows(40, seed=5)).assign(text=lambda d: d["text"].str.replace("model", "mark"))
+    pd.concat([pd.read_csv(raw), more]).to_csv(raw, index=False)
+    assert run_with(project)[1].split("test").read_bytes() != pinned.read_bytes()  # unpinned: it moved
+    run_with(project, test_split="data/raw/test-pinned.jsonl")
+    assert paths.split("test").read_bytes() == pinned.read_bytes()
+    assert json.loads(paths.data_metrics.read_text())["test"]["sha256"] == first_hash
+    test_texts = {r["text"] for r in read_jsonl(paths.split("test"))}
+    assert not test_texts & {r["text"] for r in read_jsonl(paths.split("train")) + read_jsonl(paths.split("val"))}
+
+
+def test_a_pinned_test_set_of_another_shape_is_refused(project):
+    (project / "data" / "raw" / "pairs.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    with pytest.raises(split_data.StageError, match=r"holds prompt_completion rows but data\.shape is price"):
+        run_with(project, test_split="data/raw/pairs.jsonl")
+
+
 def test_same_seed_same_split_and_hash(project):
     _, paths = run_with(project)
     first = json.loads(paths.data_metrics.read_text())

@@ -53,6 +53,7 @@ class DataConfig:
     n_test: int = 200
     n_val: int = 50
     n_train: int = 1000
+    test_split: str | None = None  # a kept copy of an earlier data/splits/test.jsonl: the test set, as is
 
 
 @dataclass(frozen=True)
