@@ -201,9 +201,8 @@ def test_metrics_stream_to_the_active_mlflow_run(pipeline_project, tmp_path, mon
     fresh = copy_inputs(paths, tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
-    run_id = client.create_run(
-        client.create_experiment("watch", artifact_location=(tmp_path / "art").as_uri())
-    ).info.run_id
+    experiment = client.create_experiment("watch", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(experiment).info.run_id
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
     train_qlora.run(params, fresh)
@@ -299,8 +298,8 @@ def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(pipeline_pr
     first, second = adapter_weights(killed), adapter_weights(straight)
     largest = max((first[k] - second[k]).abs().max().item() for k in first)
     print(
-        f"resume vs uninterrupted: largest adapter weight difference {largest:.3g}, val loss "
-        f"{resumed['val_loss']!r} vs {uninterrupted['val_loss']!r}"
+        f"resumed from step {resumed['resumed_from_step']}; largest adapter weight difference {largest:.3g}; "
+        f"val loss {resumed['val_loss']!r} resumed, {uninterrupted['val_loss']!r} uninterrupted"
     )
     assert largest == 0.0  # measured: bit-identical on this CPU
     assert resumed["val_loss"] == uninterrupted["val_loss"]
