@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # Stage commands in dvc.yaml call `python`: make it this environment's.
 RUN := env PATH="$(BIN):$$PATH" PREFECT_SERVER_ANALYTICS_ENABLED=false
 
-.PHONY: venv demo test lint format repro mlflow-ui bench-eval bench-memory clean
+.PHONY: venv demo test lint format repro plan mlflow-ui bench-eval bench-memory clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ bench-eval: venv
 
 bench-memory: venv
 	$(RUN) $(BIN)/python -m bench.memory
+
+# Parameters, adapter size, base memory and FLOPs per token of the configured run, from the config alone.
+plan: venv
+	$(RUN) $(BIN)/python -m stages.train_qlora --plan
 
 mlflow-ui: venv
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --host 127.0.0.1 --port 5000

@@ -305,3 +305,54 @@ def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(pipeline_pr
     assert resumed["val_loss"] == uninterrupted["val_loss"]
     samples = read_jsonl(killed.train_samples)
     assert [s["step"] for s in samples] == [20, 40]  # none repeated by the resumed run
+
+
+LLAMA_31_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "tie_word_embeddings": False,
+}
+
+
+def test_plan_for_llama_31_8b_from_its_config_alone(tmp_path, monkeypatch, capsys):
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps(LLAMA_31_8B))  # no weights anywhere
+    (tmp_path / "params.yaml").write_text("base_model:\n  source: llama\n")  # defaults: r=32 on q/k/v/o
+    monkeypatch.chdir(tmp_path)
+    assert train_qlora.main(["--plan"]) == 0
+    out = capsys.readouterr().out
+    assert "trainable parameters: 27,262,976" in out
+    assert "adapter size: 109.1 MB in fp32, 54.5 MB in bf16" in out
+    assert "q_proj           32    4096 -> 4096      262,144      8,388,608" in out
+    assert "k_proj           32    4096 -> 1024      163,840      5,242,880" in out
+    assert "16.06 GB in 16-bit" in out and "training FLOPs per token: 3.04e+10" in out
+
+
+def test_plan_matches_what_training_counts(pipeline_project):
+    from stages.core.planner import plan
+
+    paths, params, _ = pipeline_project
+    report = plan(params, paths)
+    assert report.config_from == str(paths.root / "models" / "tiny-source" / "config.json")  # the local source
+    assert report.trainable == json.loads(paths.train_metrics.read_text())["trainable_parameters"]
+
+
+def test_unknown_flag_exits_2(capsys):
+    assert train_qlora.main(["--bogus"]) == 2
+    assert "usage: python -m stages.train_qlora [--plan]" in capsys.readouterr().err
+
+
+def test_plan_for_the_embedded_model_reads_the_gguf_metadata(tmp_path, monkeypatch):
+    from stages.core.config import load_params
+    from stages.core.planner import plan
+
+    shutil.copy(REPO_ROOT / "params.yaml", tmp_path / "params.yaml")  # embedded:smollm2, r=32 on q/k/v/o
+    report = plan(load_params(tmp_path / "params.yaml"), Paths.at(tmp_path))  # no models/base here
+    assert report.config_from.startswith("GGUF metadata of ")
+    assert report.trainable == 3_686_400 and report.base_parameters == 134_515_008

@@ -153,6 +153,10 @@ def training_flops_per_token(config, matmul_weights: int, lora_weights: int, con
     return 2 * forward + 2 * lora_weights
 
 
+def size(n_bytes: float) -> str:
+    return f"{n_bytes / 1e9:,.2f} GB" if n_bytes >= 1e9 else f"{n_bytes / 1e6:,.1f} MB"
+
+
 def plan_text(p: Plan) -> str:
     """The plan as the console shows it."""
     lines = [
@@ -167,8 +171,8 @@ def plan_text(p: Plan) -> str:
     lines += [
         f"trainable parameters: {p.trainable:,} ({share:.2%} of the base's {p.base_parameters:,})",
         f"adapter size: {p.trainable * 4 / 1e6:,.1f} MB in fp32, {p.trainable * 2 / 1e6:,.1f} MB in bf16",
-        f"base weights: {p.nf4_bytes / 1e9:,.2f} GB in 4-bit NF4 (embeddings, norms and lm_head in 16-bit), "
-        f"{p.bf16_bytes / 1e9:,.2f} GB in 16-bit",
+        f"base weights: {size(p.nf4_bytes)} in 4-bit NF4 (embeddings, norms and lm_head in 16-bit), "
+        f"{size(p.bf16_bytes)} in 16-bit",
         f"training FLOPs per token: {p.flops_per_token:.3g} (at {p.context} tokens of context, base frozen)",
     ]
     return "\n".join(lines)
