@@ -176,6 +176,7 @@ def training_arguments(cfg: TrainConfig, output_dir: Path, optimizer: str, sched
         load_best_model_at_end=early_stopping,
         metric_for_best_model="eval_loss" if early_stopping else None,
         greater_is_better=False if early_stopping else None,
+        restore_callback_states_from_checkpoint=True,  # early stopping's patience count survives a resume
         seed=cfg.seed,
         data_seed=cfg.seed,
         use_cpu=device() == "cpu",

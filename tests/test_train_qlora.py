@@ -273,7 +273,7 @@ def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(pipeline_pr
     for name in ("killed", "straight"):
         projects[name] = copy_inputs(paths, tmp_path / name)
         raw = yaml.safe_load(projects[name].params.read_text())
-        raw["train"].update(max_steps=40, save_steps=5, eval_steps=20, early_stopping_patience=0, sample_prompts=1)
+        raw["train"].update(max_steps=40, save_steps=5, eval_steps=5, early_stopping_patience=3, sample_prompts=1)
         raw["lora"]["dropout"] = 0.1  # dropout draws random numbers: the RNG state must be restored too
         projects[name].params.write_text(yaml.safe_dump(raw))
     killed, straight = projects["killed"], projects["straight"]
@@ -303,8 +303,7 @@ def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(pipeline_pr
     )
     assert largest == 0.0  # measured: bit-identical on this CPU
     assert resumed["val_loss"] == uninterrupted["val_loss"]
-    samples = read_jsonl(killed.train_samples)
-    assert [s["step"] for s in samples] == [20, 40]  # none repeated by the resumed run
+    assert read_jsonl(killed.train_samples) == read_jsonl(straight.train_samples)  # none repeated or lost
 
 
 LLAMA_31_8B = {
