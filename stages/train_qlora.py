@@ -289,6 +289,8 @@ def run(params: Params, paths: Paths) -> Result:
     metrics = write_outputs(params, paths, trainer, model, tokenizer, seconds, watch.tokens_at_start)
     metrics.update(optimizer=optimizer, resumed_from_step=int(resume.name.rsplit("-", 1)[1]) if resume else 0)
     write_json(paths.train_metrics, metrics)
+    if watch.stream:
+        watch.stream.artifact(paths.loss_chart, "plots")
     shutil.rmtree(paths.train_scratch)  # finished: the next run starts fresh
     print(f"adapter: {metrics['adapter_mb']:.1f} MB in {paths.adapter}; val loss {metrics['val_loss']:.4f}")
     return Result(

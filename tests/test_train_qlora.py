@@ -213,6 +213,7 @@ def test_metrics_stream_to_the_active_mlflow_run(pipeline_project, tmp_path, mon
         assert len(client.get_metric_history(run_id, key)) >= 2
     texts = {a.path for a in client.list_artifacts(run_id, "samples")}
     assert texts == {"samples/step_000006.txt", "samples/step_000012.txt"}
+    assert [a.path for a in client.list_artifacts(run_id, "plots")] == ["plots/loss_curve.png"]
     assert client.get_run(run_id).info.status == "RUNNING"  # the stage neither starts nor ends runs
 
 

@@ -3,7 +3,8 @@
 - `WatchCallback`: at every evaluation prints validation loss, last training loss, learning rate, gradient
   norm, tokens seen and tokens per second (training time only, evaluations and saving left out), completes
   a few fixed validation prompts greedily and prints them, appends them to `<scratch>/samples.jsonl`, and
-  streams the numbers and samples to MLflow when MLFLOW_RUN_ID names a run.
+  streams the numbers and samples to MLflow when MLFLOW_RUN_ID names a run (the stage adds the loss chart
+  there at the end).
 - `FiniteLossGuard`: stops training at the optimizer step whose gradients (or logged loss) are NaN or
   infinite, with the step and learning rate in the error.
 - `QuietProgress`: the Trainer's progress bar without its dict print at every logging step.
@@ -112,6 +113,9 @@ class MlflowStream:
 
     def text(self, step: int, text: str) -> None:
         self._call(lambda client: client.log_text(self.run_id, text, f"samples/step_{step:06d}.txt"))
+
+    def artifact(self, path: Path, folder: str) -> None:
+        self._call(lambda client: client.log_artifact(self.run_id, str(path), folder))
 
 
 def last_training_entry(log_history: list[dict]) -> dict:
