@@ -356,3 +356,10 @@ def test_plan_for_the_embedded_model_reads_the_gguf_metadata(tmp_path, monkeypat
     report = plan(load_params(tmp_path / "params.yaml"), Paths.at(tmp_path))  # no models/base here
     assert report.config_from.startswith("GGUF metadata of ")
     assert report.trainable == 3_686_400 and report.base_parameters == 134_515_008
+
+
+def test_bf16_on_a_cpu_without_amx_is_kept_with_a_note(monkeypatch):
+    monkeypatch.setattr(train_qlora, "fast_bf16_cpu", lambda: False)
+    note = train_qlora.dtype_note(params_from_dict({"quantization": {"compute_dtype": "bfloat16"}}).quantization)
+    assert "without AMX-BF16" in note and "kept as asked" in note
+    assert train_qlora.dtype_note(params_from_dict({}).quantization) is None  # auto: float32 on a CPU
