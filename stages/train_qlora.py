@@ -1,32 +1,48 @@
-"""Stage `train_qlora`: fine-tune LoRA adapters on the base model loaded in 4-bit NF4 (QLoRA).
+"""Stage `train_qlora`: fine-tune LoRA adapters on the base model loaded in 4-bit NF4 (QLoRA), watchably.
 
 Reads models/base/, data/tokenized/{train,val} and params `quantization`, `lora` and `train`.
 The base is loaded in 4 bits with bitsandbytes (double quantization; float32 compute on CPU, bfloat16
 on CUDA), prepared for k-bit training, and wrapped with LoRA adapters on `lora.target_modules`. Training
-uses the Hugging Face Trainer: AdamW (paged on CUDA), a cosine (or other) schedule with warmup, gradient
-accumulation and clipping, and validation loss every `train.eval_steps` optimizer steps. Seeds are set
-before the adapter is created, so a run is repeatable.
-Writes models/adapter/ (adapter_model.safetensors, adapter_config.json, tokenizer),
-metrics/train.json, plots/loss.csv and reports/loss_curve.png.
+uses the Hugging Face Trainer with the optimizer, schedule, warmup, gradient accumulation and clipping
+from params. Every `train.eval_steps` it prints one line (validation and training loss, learning rate,
+gradient norm, tokens seen, tokens/s) and greedy completions of `train.sample_prompts` validation prompts,
+and streams both to the MLflow run named by MLFLOW_RUN_ID when set. Early stopping on validation loss
+(`train.early_stopping_patience`) restores the best checkpoint at the end. A NaN or infinite loss stops
+training at that step. Checkpoints go every `train.save_steps` to .cache/train_qlora/ (not a DVC output)
+with a fingerprint of params, data and base: rerunning after a crash or a kill resumes from the last one;
+a checkpoint from other params or data is set aside. Seeds are set before the adapter is created, so a
+run is repeatable.
+Writes models/adapter/ (adapter_model.safetensors, adapter_config.json, tokenizer), metrics/train.json,
+plots/loss.csv, reports/loss_curve.png and reports/train_samples.jsonl, only once training completes.
 
-Run: `python -m stages.train_qlora` (or `dvc repro train_qlora`).
+Run: `python -m stages.train_qlora` (or `dvc repro train_qlora`);
+`python -m stages.train_qlora --plan` prints parameters, memory and FLOPs from the config alone.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from stages.core.charts import loss_curve
+from stages.core.checkpoints import fingerprint, prepare_scratch
 from stages.core.cli import StageError, run_stage
-from stages.core.config import LoraConfig, Params, TrainConfig
-from stages.core.io import atomic_path, write_csv, write_json
+from stages.core.config import ConfigError, LoraConfig, Params, QuantizationConfig, TrainConfig
+from stages.core.io import atomic_path, write_csv, write_json, write_text
 from stages.core.modeling import device, load_base, load_tokenizer, set_threads
 from stages.core.paths import Paths
 from stages.core.prompts import IGNORE_INDEX
 
-SCRATCH = ".cache/train_qlora"  # Trainer's output_dir: scratch space, never a DVC output
+OPTIMIZERS = ("auto", "adamw_torch", "adamw_bnb_8bit", "paged_adamw_32bit", "paged_adamw_8bit")
+# Paged optimizers page their state to CPU memory through CUDA unified memory; on a CPU the same
+# algorithm without paging runs instead.
+UNPAGED = {"paged_adamw_32bit": "adamw_torch", "paged_adamw_8bit": "adamw_bnb_8bit"}
+SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+KEEP_CHECKPOINTS = 2  # the newest two (plus the best one when early stopping is on)
 
 
 @dataclass(frozen=True)
@@ -37,19 +53,78 @@ class Result:
     trainable_parameters: int
     adapter_mb: float
     tokens_per_second: float
+    stopped_early: bool
+    resumed_from_step: int
 
 
-def choose_optimizer(name: str) -> str:
-    """The Trainer optimizer for `train.optimizer`: "auto" is paged AdamW on CUDA, torch AdamW on CPU."""
+def validate(cfg: TrainConfig) -> None:
+    """Raise ConfigError naming the first `train.*` value that cannot work."""
+    checks = [
+        ("optimizer", cfg.optimizer in OPTIMIZERS, f"one of {list(OPTIMIZERS)}"),
+        ("lr_scheduler", cfg.lr_scheduler in SCHEDULERS, f"one of {list(SCHEDULERS)}"),
+        ("learning_rate", cfg.learning_rate > 0, "a positive number"),
+        ("batch_size", cfg.batch_size >= 1, "at least 1"),
+        ("grad_accum", cfg.grad_accum >= 1, "at least 1"),
+        ("warmup_ratio", 0 <= cfg.warmup_ratio < 1, "a fraction in [0, 1)"),
+        ("warmup_steps", cfg.warmup_steps >= 0, "0 (use warmup_ratio) or more"),
+        ("eval_steps", cfg.eval_steps >= 1, "at least 1"),
+        ("logging_steps", cfg.logging_steps >= 1, "at least 1"),
+        ("save_steps", cfg.save_steps >= 1, "at least 1"),
+        ("early_stopping_patience", cfg.early_stopping_patience >= 0, "0 (off) or more"),
+        ("sample_prompts", cfg.sample_prompts >= 0, "0 (none) or more"),
+        ("sample_new_tokens", cfg.sample_new_tokens >= 1, "at least 1"),
+        (
+            "save_steps",
+            cfg.early_stopping_patience == 0 or cfg.save_steps % cfg.eval_steps == 0,
+            f"a multiple of eval_steps ({cfg.eval_steps}) when early stopping is on, so the best "
+            "checkpoint is saved at an evaluation",
+        ),
+    ]
+    for key, ok, expected in checks:
+        if not ok:
+            raise ConfigError(f"train.{key}: expected {expected}, got {getattr(cfg, key)!r}")
+
+
+def choose_optimizer(name: str) -> tuple[str, str | None]:
+    """(Trainer optimizer, note) for `train.optimizer`: "auto" is paged AdamW on CUDA and torch AdamW on
+    CPU; a paged optimizer asked for on a CPU falls back to its unpaged twin, and the note says so."""
     on_cuda = device() == "cuda"
     if name == "auto":
-        return "paged_adamw_32bit" if on_cuda else "adamw_torch"
-    if "paged" in name and not on_cuda:
-        raise StageError(
-            f"train.optimizer={name!r} pages optimizer state to CPU memory and needs CUDA; "
-            "use auto or adamw_torch on this machine"
+        return ("paged_adamw_32bit" if on_cuda else "adamw_torch"), None
+    if name in UNPAGED and not on_cuda:
+        return UNPAGED[name], (
+            f"train.optimizer={name} pages optimizer state through CUDA memory and cannot run on a CPU; "
+            f"using {UNPAGED[name]} (the same update without paging) instead"
         )
-    return name
+    return name, None
+
+
+def choose_schedule(cfg: TrainConfig) -> tuple[str, float, str | None]:
+    """(scheduler, warmup, note): warmup_steps when > 0, else warmup_ratio (the Trainer reads a value
+    below 1 as a fraction of all steps); "constant" with a warmup becomes constant_with_warmup."""
+    warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else cfg.warmup_ratio
+    if cfg.lr_scheduler == "constant" and warmup > 0:
+        note = f"train.lr_scheduler=constant ignores warmup; using constant_with_warmup (warmup {warmup})"
+        return "constant_with_warmup", warmup, note
+    return cfg.lr_scheduler, warmup, None
+
+
+def fast_bf16_cpu() -> bool:
+    """True when this CPU multiplies bfloat16 in hardware (AMX-BF16); without it bf16 is emulated, slowly."""
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text(encoding="utf-8")
+    except OSError:
+        return False
+
+
+def dtype_note(cfg: QuantizationConfig) -> str | None:
+    """A warning when the compute dtype asked for is slow on this machine (it is kept: it works)."""
+    if device() == "cpu" and cfg.compute_dtype in ("bfloat16", "float16") and not fast_bf16_cpu():
+        return (
+            f"quantization.compute_dtype={cfg.compute_dtype} on a CPU without AMX-BF16 is emulated and much "
+            "slower than float32; kept as asked (auto uses float32 on a CPU)"
+        )
+    return None
 
 
 def attach_lora(model, cfg: LoraConfig, gradient_checkpointing: bool):
@@ -72,26 +147,36 @@ def attach_lora(model, cfg: LoraConfig, gradient_checkpointing: bool):
         raise StageError(f"lora.target_modules={cfg.target_modules}: {exc}") from exc
 
 
-def training_arguments(cfg: TrainConfig, output_dir: str):
+def training_arguments(cfg: TrainConfig, output_dir: Path, optimizer: str, scheduler: str, warmup: float):
+    """TrainingArguments: evaluation every eval_steps, checkpoints every save_steps in `output_dir`, the
+    best checkpoint (lowest validation loss) restored at the end when early stopping is on."""
     from transformers import TrainingArguments
 
+    early_stopping = cfg.early_stopping_patience > 0
     return TrainingArguments(
-        output_dir=output_dir,
+        output_dir=str(output_dir),
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size * 2,
         gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup_ratio,  # transformers 5: a value below 1 is a fraction of all steps
+        lr_scheduler_type=scheduler,
+        warmup_steps=warmup,  # transformers 5: a value below 1 is a fraction of all steps
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
-        optim=choose_optimizer(cfg.optimizer),
+        optim=optimizer,
         eval_strategy="steps",
         eval_steps=cfg.eval_steps,
         logging_steps=cfg.logging_steps,
-        save_strategy="no",
+        logging_nan_inf_filter=False,  # log a NaN loss as NaN (the guard stops training on it)
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=KEEP_CHECKPOINTS,
+        load_best_model_at_end=early_stopping,
+        metric_for_best_model="eval_loss" if early_stopping else None,
+        greater_is_better=False if early_stopping else None,
+        restore_callback_states_from_checkpoint=True,  # early stopping's patience count survives a resume
         seed=cfg.seed,
         data_seed=cfg.seed,
         use_cpu=device() == "cpu",
@@ -102,105 +187,170 @@ def training_arguments(cfg: TrainConfig, output_dir: str):
     )
 
 
+LOSS_COLUMNS = ("train_loss", "val_loss", "learning_rate", "grad_norm", "tokens_seen", "tokens_per_second")
+
+
 def loss_rows(log_history: list[dict]) -> list[dict]:
-    """One row per logged step: step, train/val loss, learning rate, grad norm, tokens seen."""
+    """One row per logged step: step, train/val loss, learning rate, grad norm, tokens seen, tokens/s."""
     by_step: dict[int, dict] = {}
     for entry in log_history:
-        row = by_step.setdefault(
-            entry["step"],
-            {
-                "step": entry["step"],
-                "train_loss": None,
-                "val_loss": None,
-                "learning_rate": None,
-                "grad_norm": None,
-                "tokens_seen": None,
-            },
-        )
+        row = by_step.setdefault(entry["step"], {"step": entry["step"], **dict.fromkeys(LOSS_COLUMNS)})
         if "loss" in entry:
             row.update(
                 train_loss=entry["loss"], learning_rate=entry.get("learning_rate"), grad_norm=entry.get("grad_norm")
             )
         if "eval_loss" in entry:
-            row["val_loss"] = entry["eval_loss"]
+            row.update(val_loss=entry["eval_loss"], tokens_per_second=entry.get("tokens_per_second"))
         if entry.get("num_input_tokens_seen") is not None:
             row["tokens_seen"] = int(entry["num_input_tokens_seen"])
-    return [by_step[s] for s in sorted(by_step) if by_step[s]["train_loss"] or by_step[s]["val_loss"]]
+    return [row for _, row in sorted(by_step.items()) if row["train_loss"] is not None or row["val_loss"] is not None]
 
 
-def check_finite(rows: list[dict]) -> None:
-    """Stop with the step and learning rate when a logged loss is NaN or infinite."""
+def overfitting_note(rows: list[dict]) -> str | None:
+    """A sentence when validation loss rose between two evaluations while training loss kept falling
+    (the training loss compared is the last one logged at or before each evaluation); else None."""
+    evaluations = []
+    train = None
     for row in rows:
-        for key in ("train_loss", "val_loss"):
-            if row[key] is not None and not math.isfinite(row[key]):
-                raise StageError(
-                    f"{key} became {row[key]} at step {row['step']} "
-                    f"(learning rate {row['learning_rate']}); lower train.learning_rate"
-                )
+        train = row["train_loss"] if row["train_loss"] is not None else train
+        if row["val_loss"] is not None and train is not None:
+            evaluations.append((row["step"], row["val_loss"], train))
+    for (a, val_a, train_a), (b, val_b, train_b) in itertools.pairwise(evaluations):
+        if val_b > val_a and train_b < train_a:
+            return (
+                f"overfitting: validation loss rose from {val_a:.4f} (step {a}) to {val_b:.4f} (step {b}) "
+                f"while training loss fell from {train_a:.4f} to {train_b:.4f}"
+            )
+    return None
+
+
+def build_trainer(params: Params, paths: Paths, model, tokenizer, data, optimizer: str):
+    """The Trainer with the watching callbacks (lines, samples, MLflow), the NaN guard and early stopping."""
+    from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback, ProgressCallback, Trainer
+
+    from stages.core.tracking import tracking_uri
+    from stages.core.watch import FiniteLossGuard, MlflowStream, QuietProgress, WatchCallback, validation_samples
+
+    cfg = params.train
+    scheduler, warmup, note = choose_schedule(cfg)
+    if note:
+        print(note)
+    samples = validation_samples(tokenizer, data["val"], cfg.sample_prompts)
+    stream = MlflowStream.from_environment(tracking_uri(paths, params))
+    watch = WatchCallback(tokenizer, samples, cfg.sample_new_tokens, paths.train_scratch / "samples.jsonl", stream)
+    callbacks = [FiniteLossGuard(), watch]
+    if cfg.early_stopping_patience > 0:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(cfg, paths.train_scratch, optimizer, scheduler, warmup),
+        train_dataset=data["train"],
+        eval_dataset=data["val"],
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX),
+        callbacks=callbacks,
+    )
+    if trainer.pop_callback(ProgressCallback):
+        trainer.add_callback(QuietProgress())
+    return trainer, watch
+
+
+def prepare_model(params: Params, paths: Paths):
+    """(tokenizer, 4-bit base with LoRA attached); prints what is trainable."""
+    tokenizer = load_tokenizer(paths.base_model)
+    model = attach_lora(
+        load_base(paths.base_model, params.quantization), params.lora, params.train.gradient_checkpointing
+    )
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"trainable LoRA parameters: {trainable:,} ({trainable * 4 / 1e6:.1f} MB in fp32)")
+    return tokenizer, model
 
 
 def run(params: Params, paths: Paths) -> Result:
-    """Train LoRA adapters on the 4-bit base; write the adapter, metrics and loss curve atomically."""
+    """Train LoRA adapters on the 4-bit base (resuming a matching checkpoint); write the adapter, metrics,
+    loss curve and samples atomically once training completes."""
     from datasets import load_from_disk
-    from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
+    from transformers import set_seed
 
     cfg = params.train
+    validate(cfg)
+    optimizer, optimizer_note = choose_optimizer(cfg.optimizer)
+    for note in (optimizer_note, dtype_note(params.quantization)):
+        if note:
+            print(f"note: {note}")
     set_threads(cfg.threads)
+    resume = prepare_scratch(paths.train_scratch, fingerprint(params, paths.tokenized, paths.base_model))
     set_seed(cfg.seed)
-    tokenizer = load_tokenizer(paths.base_model)
-    model = attach_lora(load_base(paths.base_model, params.quantization), params.lora, cfg.gradient_checkpointing)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"trainable LoRA parameters: {trainable:,} ({trainable * 4 / 1e6:.1f} MB in fp32)")
+    tokenizer, model = prepare_model(params, paths)
     data = load_from_disk(str(paths.tokenized))
-    collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX)
-    trainer = Trainer(
-        model=model,
-        args=training_arguments(cfg, str(paths.root / SCRATCH)),
-        train_dataset=data["train"],
-        eval_dataset=data["val"],
-        data_collator=collator,
-    )
+    trainer, watch = build_trainer(params, paths, model, tokenizer, data, optimizer)
     started = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - started  # includes the periodic validation passes
-    evaluated = [e for e in trainer.state.log_history if "eval_loss" in e]
-    if not evaluated or evaluated[-1]["step"] != trainer.state.global_step:
-        trainer.evaluate()  # appends the final validation loss to log_history
-    rows = loss_rows(trainer.state.log_history)
-    check_finite(rows)
-    tokens = int(trainer.state.num_input_tokens_seen)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    seconds = time.perf_counter() - started  # this session only, validation passes and samples included
+    metrics = write_outputs(params, paths, trainer, model, tokenizer, seconds, watch.tokens_at_start)
+    metrics.update(optimizer=optimizer, resumed_from_step=int(resume.name.rsplit("-", 1)[1]) if resume else 0)
+    write_json(paths.train_metrics, metrics)
+    if watch.stream:
+        watch.stream.artifact(paths.loss_chart, "plots")
+    shutil.rmtree(paths.train_scratch)  # finished: the next run starts fresh
+    print(f"adapter: {metrics['adapter_mb']:.1f} MB in {paths.adapter}; val loss {metrics['val_loss']:.4f}")
+    return Result(
+        steps=metrics["steps"],
+        train_loss=metrics["train_loss"] if metrics["train_loss"] is not None else math.nan,
+        val_loss=metrics["val_loss"],
+        trainable_parameters=metrics["trainable_parameters"],
+        adapter_mb=metrics["adapter_mb"],
+        tokens_per_second=metrics["tokens_per_second"],
+        stopped_early=metrics["stopped_early"],
+        resumed_from_step=metrics["resumed_from_step"],
+    )
+
+
+def write_outputs(params, paths: Paths, trainer, model, tokenizer, seconds: float, tokens_at_start: int) -> dict:
+    """Write the adapter, plots/loss.csv, the loss chart and the samples; return the metrics for train.json."""
+    state = trainer.state
+    rows = loss_rows(state.log_history)
     with atomic_path(paths.adapter) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-    adapter_mb = (paths.adapter / "adapter_model.safetensors").stat().st_size / 1e6
-    train_losses = [r["train_loss"] for r in rows if r["train_loss"] is not None]
-    metrics = {
-        "steps": trainer.state.global_step,
-        "epochs": round(trainer.state.epoch or 0.0, 4),
-        "train_loss": train_losses[-1] if train_losses else None,
-        "val_loss": [r["val_loss"] for r in rows if r["val_loss"] is not None][-1],
-        "tokens_seen": tokens,
-        "train_seconds": round(seconds, 1),
-        "tokens_per_second": round(tokens / seconds, 1),
-        "trainable_parameters": trainable,
-        "adapter_mb": round(adapter_mb, 2),
-    }
-    write_json(paths.train_metrics, metrics)
     write_csv(paths.loss_plot, rows)
     loss_curve(rows, paths.loss_chart)
-    print(f"adapter: {adapter_mb:.1f} MB in {paths.adapter}; final val loss {metrics['val_loss']:.4f}")
-    return Result(
-        steps=metrics["steps"],
-        train_loss=metrics["train_loss"] or math.nan,
-        val_loss=metrics["val_loss"],
-        trainable_parameters=trainable,
-        adapter_mb=metrics["adapter_mb"],
-        tokens_per_second=metrics["tokens_per_second"],
-    )
+    samples = paths.train_scratch / "samples.jsonl"
+    write_text(paths.train_samples, samples.read_text(encoding="utf-8") if samples.is_file() else "")
+    evaluated = [r for r in rows if r["val_loss"] is not None]
+    train_losses = [r["train_loss"] for r in rows if r["train_loss"] is not None]
+    restored = params.train.early_stopping_patience > 0 and state.best_model_checkpoint is not None
+    overfitting = overfitting_note(rows)
+    if overfitting:
+        print(overfitting)
+    tokens = int(state.num_input_tokens_seen)
+    return {
+        "steps": state.global_step,
+        "epochs": round(state.epoch or 0.0, 4),
+        "train_loss": train_losses[-1] if train_losses else None,
+        "val_loss": state.best_metric if restored else evaluated[-1]["val_loss"],  # of the adapter written
+        "last_val_loss": evaluated[-1]["val_loss"],
+        "best_step": state.best_global_step if restored else evaluated[-1]["step"],
+        "stopped_early": state.global_step < state.max_steps,
+        "overfitting": overfitting,
+        "tokens_seen": tokens,
+        "train_seconds": round(seconds, 1),
+        "tokens_per_second": round((tokens - tokens_at_start) / seconds, 1),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "adapter_mb": round((paths.adapter / "adapter_model.safetensors").stat().st_size / 1e6, 2),
+    }
+
+
+def print_plan(params: Params, paths: Paths) -> str:
+    """`--plan`: print parameters, adapter size, base memory and FLOPs per token from the config alone."""
+    from stages.core.planner import plan, plan_text
+
+    report = plan(params, paths)
+    print(plan_text(report))
+    return f"{report.trainable:,} trainable parameters"
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage("train_qlora", run, argv)
+    return run_stage("train_qlora", run, argv, actions={"--plan": print_plan})
 
 
 if __name__ == "__main__":

@@ -25,7 +25,14 @@ TINY_PARAMS = {
     "data": {"source": "data/raw/prices.csv", "n_test": 12, "n_val": 8, "n_train": 48, "seed": 7},
     "prompt": {"max_length": 128},
     "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-    "train": {"batch_size": 4, "learning_rate": 3.0e-3, "eval_steps": 6, "logging_steps": 2, "warmup_ratio": 0.1},
+    "train": {
+        "batch_size": 4,
+        "learning_rate": 3.0e-3,
+        "eval_steps": 6,
+        "logging_steps": 2,
+        "save_steps": 6,
+        "warmup_ratio": 0.1,
+    },
     "evaluate": {"batch_size": 8, "max_new_tokens": 6},
 }
 

@@ -50,12 +50,32 @@ def loss_curve(rows: list[dict], path: Path) -> None:
     ax.set_title("QLoRA training")
     ax.grid(alpha=0.3)
     ax.legend()
-    steps_tokens = [(r["step"], r["tokens_seen"]) for r in rows if r.get("tokens_seen")]
-    if steps_tokens and steps_tokens[-1][0] > 0:
-        per_step = steps_tokens[-1][1] / steps_tokens[-1][0]
-        top = ax.secondary_xaxis("top", functions=(lambda s: s * per_step, lambda t: t / per_step))
-        top.set_xlabel("tokens seen (approx.)")
+    add_tokens_axis(ax, rows)
     _save(fig, path)
+
+
+def add_tokens_axis(ax, rows: list[dict]) -> None:
+    """A top axis in tokens seen, mapped from steps by the logged (step, tokens) pairs (batches differ in
+    length, so the mapping is interpolated between logged steps rather than a constant tokens per step)."""
+    import numpy as np
+
+    pairs = sorted({(0, 0)} | {(r["step"], r["tokens_seen"]) for r in rows if r.get("tokens_seen")})
+    if len(pairs) < 2:
+        return
+    steps = np.array([p[0] for p in pairs], dtype=float)
+    tokens = np.array([p[1] for p in pairs], dtype=float)
+    per_step = tokens[-1] / steps[-1]  # beyond the logged range: extend at the average rate
+
+    def to_tokens(s):
+        s = np.asarray(s, dtype=float)
+        return np.where(s <= steps[-1], np.interp(s, steps, tokens), tokens[-1] + (s - steps[-1]) * per_step)
+
+    def to_steps(t):
+        t = np.asarray(t, dtype=float)
+        return np.where(t <= tokens[-1], np.interp(t, tokens, steps), steps[-1] + (t - tokens[-1]) / per_step)
+
+    top = ax.secondary_xaxis("top", functions=(to_tokens, to_steps))
+    top.set_xlabel("tokens seen")
 
 
 def price_scatter(truths: list[float], predictions: list[float], bands: list[str], title: str, path: Path) -> None:

@@ -90,11 +90,16 @@ class TrainConfig:
     learning_rate: float = 1e-4
     lr_scheduler: str = "cosine"
     warmup_ratio: float = 0.03
+    warmup_steps: int = 0  # > 0 overrides warmup_ratio
     weight_decay: float = 0.001
     max_grad_norm: float = 0.3
-    optimizer: str = "auto"
+    optimizer: str = "auto"  # auto, adamw_torch, adamw_bnb_8bit, paged_adamw_32bit, paged_adamw_8bit (CUDA)
     eval_steps: int = 50
     logging_steps: int = 10
+    save_steps: int = 50  # checkpoint every N optimizer steps in .cache/train_qlora/ (resume after a crash)
+    early_stopping_patience: int = 0  # evaluations without a lower val loss before stopping; 0: off
+    sample_prompts: int = 3  # validation prompts completed greedily at each evaluation
+    sample_new_tokens: int = 8
     gradient_checkpointing: bool = False
     threads: int = 0
 

