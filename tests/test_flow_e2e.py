@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from flows.local_server import prefect_server
+from flows.retrain import STAGES
 from tests.conftest import REPO_ROOT, price_rows, write_project
 
 COPIED = (
@@ -31,15 +32,7 @@ COPIED = (
     ".gitignore",
     "data/raw/README.md",
 )
-ALL_STAGES = {
-    "base_model",
-    "split_data",
-    "tokenize_data",
-    "train_qlora",
-    "evaluate_adapter",
-    "export_hub",
-    "record_run",
-}
+ALL_STAGES = set(STAGES)
 
 
 def run(command: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:

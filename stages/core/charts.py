@@ -95,14 +95,7 @@ def price_scatter(truths: list[float], predictions: list[float], bands: list[str
             label=f"{labels[name]} ({len(chosen)})",
         )
     top = max(max(truths), max(predictions), 1.0) * 1.05
-    ax.plot([0, top], [0, top], color="tab:blue", linewidth=1, label="y = x")
-    ax.set_xlim(0, top)
-    ax.set_ylim(0, top)
-    ax.set_xlabel("true price ($)")
-    ax.set_ylabel("predicted price ($)")
-    ax.set_title(title)
-    ax.legend(loc="upper left")
-    _save(fig, path)
+    _finish_diagonal(fig, ax, top, ("true price ($)", "predicted price ($)"), ("tab:blue", "y = x"), title, path)
 
 
 def loss_scatter(base: list[float], adapter: list[float], title: str, path: Path) -> None:
@@ -112,11 +105,18 @@ def loss_scatter(base: list[float], adapter: list[float], title: str, path: Path
     fig, ax = plt.subplots(figsize=(7, 7))
     ax.scatter(base, adapter, s=12, c="tab:blue", alpha=0.8, label=f"test items ({len(base)})")
     top = max([*base, *adapter, 1e-3]) * 1.05
-    ax.plot([0, top], [0, top], color="tab:gray", linewidth=1, label="y = x (no change)")
+    labels = ("base model, zero-shot: loss per completion token", "adapter: loss per completion token")
+    _finish_diagonal(fig, ax, top, labels, ("tab:gray", "y = x (no change)"), title, path)
+
+
+def _finish_diagonal(fig, ax, top: float, axis_labels: tuple[str, str], line: tuple[str, str], title: str, path):
+    """Square axes from 0 to `top` with the y = x line (colour, label), titles and legend; save to `path`."""
+    colour, label = line
+    ax.plot([0, top], [0, top], color=colour, linewidth=1, label=label)
     ax.set_xlim(0, top)
     ax.set_ylim(0, top)
-    ax.set_xlabel("base model, zero-shot: loss per completion token")
-    ax.set_ylabel("adapter: loss per completion token")
+    ax.set_xlabel(axis_labels[0])
+    ax.set_ylabel(axis_labels[1])
     ax.set_title(title)
     ax.legend(loc="upper left")
     _save(fig, path)
