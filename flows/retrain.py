@@ -161,12 +161,15 @@ def promotion_lines(record: dict) -> str:
     return f"`{name}` version {version}: {verdict}. Why: {record['reason']}."
 
 
+def timings(stage_seconds: dict[str, float]) -> str:
+    return ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in stage_seconds.items())
+
+
 def trained_report(metrics: dict, record: dict, data: dict, changes: str, hint: str, stage_seconds: dict) -> str:
-    timings = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in stage_seconds.items())
     return (
         f"# Retrain report: retrained\n\n## Comparison on the test set\n\n{comparison_markdown(metrics)}\n\n"
         f"## Promotion\n\n{promotion_lines(record)}\n\n{hint}\n\n## Data\n\n{data_markdown(data)}\n\n"
-        f"## What changed\n\n```\n{changes}\n```\n\nStage times (dvc repro, skips included): {timings}\n"
+        f"## What changed\n\n```\n{changes}\n```\n\nStage times (dvc repro, skips included): {timings(stage_seconds)}\n"
     )
 
 
@@ -221,7 +224,7 @@ def retrain_changed(paths: Paths, params: Params, changes: str) -> dict:
     if record["run_id"] != run_id:  # record_run was up to date: nothing it reads changed
         client.delete_run(run_id)
         publish(f"# Retrain report: outputs unchanged\n\n```\n{changes}\n```\n", "outputs unchanged")
-        return {"state": "outputs unchanged", "run_id": record["run_id"], "seconds": stage_seconds}
+        return {"state": "outputs unchanged", "run_id": record["run_id"], "stage_seconds": stage_seconds}
     for stage, seconds in stage_seconds.items():
         client.log_metric(run_id, f"stage_seconds.{stage}", seconds)
     client.set_terminated(run_id, status="FINISHED")
@@ -230,10 +233,9 @@ def retrain_changed(paths: Paths, params: Params, changes: str) -> dict:
         metrics["champion"] = record["previous_champion"]
     data = read_json(paths.data_metrics)
     publish(trained_report(metrics, record, data, changes, hint, stage_seconds), "retrained")
-    timings = ", ".join(f"{stage} {seconds:.0f}s" for stage, seconds in stage_seconds.items())
     print(
         f"\n{comparison_table(metrics)}\n\n{promotion_lines(record)}\n"
-        f"stage times (dvc repro, skips included): {timings}\n{hint}"
+        f"stage times (dvc repro, skips included): {timings(stage_seconds)}\n{hint}"
     )
     return {
         "state": "retrained",
