@@ -96,17 +96,27 @@ def stage_environment(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
+ANSI_CONTROL = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # cursor moves of nested tqdm bars
+PROGRESS_FRAME = re.compile(r"\d+%\|.*\|\s*\d+/\d+")  # " 40%|████      | 2/5 [00:01<00:02]"
+
+
+def loggable(line: str) -> str:
+    """The text of an output line worth a log entry: its last carriage-return frame without terminal
+    control codes; "" for a progress-bar frame, which only a terminal should show."""
+    text = ANSI_CONTROL.sub("", line.rsplit("\r", 1)[-1]).rstrip()
+    return "" if PROGRESS_FRAME.search(text) else text
+
+
 def stream_lines(stream, logger, tail: deque) -> None:
     """Send complete lines to the Prefect log (and keep the last ones in `tail`); show progress-bar frames
-    (text ending in \\r) live on a terminal, redrawn in place and cleared before the next log line, and
-    never log them."""
+    live on a terminal, redrawn in place and cleared before the next log line, and never log them."""
     live = sys.stderr.isatty()
     pending = ""
     for chunk in iter(lambda: stream.read1(4096), b""):
         pending += chunk.decode("utf-8", errors="replace")
         *lines, pending = pending.split("\n")
         for line in lines:
-            text = line.rsplit("\r", 1)[-1].rstrip()
+            text = loggable(line)
             if text:
                 if live:
                     sys.stderr.write("\r\033[K")
@@ -117,9 +127,9 @@ def stream_lines(stream, logger, tail: deque) -> None:
             if live:
                 sys.stderr.write("\r\033[K" + done.rsplit("\r", 1)[-1][:150])
                 sys.stderr.flush()
-    if pending.strip():
-        logger.info(pending.strip())
-        tail.append(pending.strip())
+    if loggable(pending):
+        logger.info(loggable(pending))
+        tail.append(loggable(pending))
 
 
 @task(cache_policy=NO_CACHE, persist_result=False, task_run_name="dvc repro {stage}")

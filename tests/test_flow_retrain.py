@@ -2,7 +2,7 @@
 
 import pytest
 
-from flows.retrain import StageFailed, is_transient, retry_when_transient, stage_exit_status
+from flows.retrain import StageFailed, is_transient, loggable, retry_when_transient, stage_exit_status
 
 DVC_FAILED = "ERROR: failed to reproduce 'train_qlora': failed to run: python -m stages.train_qlora, exited with {}"
 
@@ -41,3 +41,11 @@ def test_retry_condition_reads_the_stage_failure():
     assert retry_when_transient(None, None, FailedState(StageFailed("x", "killed", transient=True)))
     assert not retry_when_transient(None, None, FailedState(StageFailed("x", "bad input", transient=False)))
     assert not retry_when_transient(None, None, FailedState(ValueError("a bug in the flow")))
+
+
+def test_progress_frames_and_cursor_codes_stay_out_of_the_log():
+    assert loggable(" 40%|████      | 2/5 [00:01<00:02,  1.45it/s]\x1b[A") == ""
+    assert loggable("\x1b[A 33%|███▎      | 50/150 [01:55<03:20,  2.00s/it]") == ""
+    line = "step    50/150 | val loss 1.1254 | lr 7.89e-04"
+    assert loggable(f"\x1b[A{line}") == line
+    assert loggable("frame 1\rframe 2\r[train_qlora] done in 3.0s") == "[train_qlora] done in 3.0s"
