@@ -43,7 +43,7 @@ from stages.core.config import Params, load_params
 from stages.core.io import read_json
 from stages.core.paths import Paths
 from stages.core.report import comparison_markdown, comparison_table, data_markdown
-from stages.core.tracking import client_for, shown_uri, start_pipeline_run, tracking_uri
+from stages.core.tracking import client_for, log_metrics, shown_uri, start_pipeline_run, tracking_uri
 
 STAGES = (
     "base_model",
@@ -235,8 +235,7 @@ def retrain_changed(paths: Paths, params: Params, changes: str) -> dict:
         client.delete_run(run_id)
         publish(f"# Retrain report: outputs unchanged\n\n```\n{changes}\n```\n", "outputs unchanged")
         return {"state": "outputs unchanged", "run_id": record["run_id"], "stage_seconds": stage_seconds}
-    for stage, seconds in stage_seconds.items():
-        client.log_metric(run_id, f"stage_seconds.{stage}", seconds)
+    log_metrics(client, run_id, {f"stage_seconds.{stage}": seconds for stage, seconds in stage_seconds.items()})
     client.set_terminated(run_id, status="FINISHED")
     metrics = read_json(paths.eval_metrics)
     if record.get("previous_champion"):

@@ -117,15 +117,23 @@ def adapter_sha256(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def current_champion(client, model_name: str, metric: str) -> Champion | None:
-    """The version holding `champion`, with the metric and test hash of the run that scored it."""
+def champion_run(client, model_name: str):
+    """(version, run that scored it) for the version holding `champion`; None when there is none."""
     from mlflow.exceptions import MlflowException
 
     try:
         version = client.get_model_version_by_alias(model_name, CHAMPION)
     except MlflowException:
         return None  # no registered model yet, or no champion
-    run = client.get_run(version.run_id)
+    return version, client.get_run(version.run_id)
+
+
+def current_champion(client, model_name: str, metric: str) -> Champion | None:
+    """The version holding `champion`, with the metric and test hash of the run that scored it."""
+    found = champion_run(client, model_name)
+    if found is None:
+        return None
+    version, run = found
     return Champion(
         version=str(version.version),
         value=run.data.metrics.get(f"eval.adapter.{metric}"),

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -22,7 +23,7 @@ import yaml
 from stages.core.config import Params, flatten
 from stages.core.io import read_json
 from stages.core.paths import Paths
-from stages.core.registry import CHAMPION, TEST_HASH_TAG
+from stages.core.registry import TEST_HASH_TAG, champion_run
 
 MAX_PARAM_LENGTH = 250  # MLflow rejects longer parameter values
 METRIC_FILES = ("data_metrics", "token_metrics", "train_metrics", "eval_metrics")
@@ -104,6 +105,19 @@ def loss_history(path: Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
+def log_in_batches(client, run_id: str, metrics: list) -> None:
+    for start in range(0, len(metrics), 1000):  # log_batch takes at most 1000 metrics
+        client.log_batch(run_id, metrics=metrics[start : start + 1000])
+
+
+def log_metrics(client, run_id: str, values: dict[str, float]) -> None:
+    """Log {name: value} in one request rather than one per metric."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    log_in_batches(client, run_id, [Metric(key=k, value=v, timestamp=now, step=0) for k, v in values.items()])
+
+
 def log_step_metrics(client, run_id: str, series: dict[str, list[tuple[int, float]]]) -> None:
     """Log per-step series, skipping any the run already has (streamed live by train_qlora)."""
     from mlflow.entities import Metric
@@ -114,8 +128,7 @@ def log_step_metrics(client, run_id: str, series: dict[str, list[tuple[int, floa
         if points and not client.get_metric_history(run_id, name)
         for step, value in points
     ]
-    for start in range(0, len(metrics), 1000):  # log_batch takes at most 1000 metrics
-        client.log_batch(run_id, metrics=metrics[start : start + 1000])
+    log_in_batches(client, run_id, metrics)
 
 
 def experiment_id(client, paths: Paths, name: str) -> str:
@@ -153,14 +166,10 @@ def client_for(paths: Paths, params: Params):
 def champion_metrics(paths: Paths, params: Params) -> dict[str, float] | None:
     """The evaluation metrics of the registry's `champion` version of `tracking.registered_model`, when
     it exists and was scored on the same test set (same sha256) as this workspace; else None."""
-    from mlflow.exceptions import MlflowException
-
-    client = client_for(paths, params)
-    try:
-        version = client.get_model_version_by_alias(params.tracking.registered_model, CHAMPION)
-    except MlflowException:
-        return None  # no registered model, or no champion yet
-    run = client.get_run(version.run_id)
+    found = champion_run(client_for(paths, params), params.tracking.registered_model)
+    if found is None:
+        return None
+    version, run = found
     if run.data.tags.get(TEST_HASH_TAG) != test_set_hash(paths):
         print(f"champion (version {version.version}) was scored on another test set; not compared")
         return None
@@ -212,13 +221,12 @@ def log_execution(client, run_id: str, paths: Paths, params: Params, extra_metri
         client.set_tag(run_id, key, value)
     for key, value in flatten(params).items():
         client.log_param(run_id, key, str(value)[:MAX_PARAM_LENGTH])
+    values = dict(extra_metrics)
     for attribute in METRIC_FILES:
         path = getattr(paths, attribute)
         if path.is_file():
-            for key, value in numeric_leaves(read_json(path), f"{path.stem}.").items():
-                client.log_metric(run_id, key, value)
-    for key, value in extra_metrics.items():
-        client.log_metric(run_id, key, value)
+            values.update(numeric_leaves(read_json(path), f"{path.stem}."))
+    log_metrics(client, run_id, values)
     log_step_metrics(client, run_id, loss_history(paths.loss_plot))
     client.log_artifact(run_id, str(paths.params))
     if paths.adapter.is_dir():
