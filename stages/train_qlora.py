@@ -35,7 +35,6 @@ from stages.core.config import ConfigError, LoraConfig, Params, QuantizationConf
 from stages.core.io import atomic_path, write_csv, write_json, write_text
 from stages.core.modeling import device, load_base, load_tokenizer, set_threads
 from stages.core.paths import Paths
-from stages.core.prompts import IGNORE_INDEX
 
 OPTIMIZERS = ("auto", "adamw_torch", "adamw_bnb_8bit", "paged_adamw_32bit", "paged_adamw_8bit")
 # Paged optimizers page their state to CPU memory through CUDA unified memory; on a CPU the same
@@ -181,7 +180,10 @@ def training_arguments(cfg: TrainConfig, output_dir: Path, optimizer: str, sched
         data_seed=cfg.seed,
         use_cpu=device() == "cpu",
         bf16=False,
-        include_num_input_tokens_seen="non_padding",
+        # Padding-free rows hold no padding, and their EOS tokens would be miscounted as pad tokens.
+        include_num_input_tokens_seen="all" if cfg.padding_free else "non_padding",
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        prediction_loss_only=True,  # validation needs the loss only, not every logit kept in memory
         report_to="none",
         dataloader_num_workers=0,
     )
@@ -226,8 +228,9 @@ def overfitting_note(rows: list[dict]) -> str | None:
 
 def build_trainer(params: Params, paths: Paths, model, tokenizer, data, optimizer: str):
     """The Trainer with the watching callbacks (lines, samples, MLflow), the NaN guard and early stopping."""
-    from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback, ProgressCallback, Trainer
+    from transformers import EarlyStoppingCallback, ProgressCallback, Trainer
 
+    from stages.core.batching import labelled_loss, training_collator
     from stages.core.tracking import tracking_uri
     from stages.core.watch import FiniteLossGuard, MlflowStream, QuietProgress, WatchCallback, validation_samples
 
@@ -246,7 +249,8 @@ def build_trainer(params: Params, paths: Paths, model, tokenizer, data, optimize
         args=training_arguments(cfg, paths.train_scratch, optimizer, scheduler, warmup),
         train_dataset=data["train"],
         eval_dataset=data["val"],
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX),
+        data_collator=training_collator(tokenizer, cfg.padding_free),
+        compute_loss_func=labelled_loss,
         callbacks=callbacks,
     )
     if trainer.pop_callback(ProgressCallback):

@@ -102,6 +102,8 @@ class TrainConfig:
     sample_new_tokens: int = 8
     gradient_checkpointing: bool = False
     threads: int = 0
+    group_by_length: bool = True  # batch examples of similar length together: less padding
+    padding_free: bool = False  # concatenate each batch into one row without padding (position ids restart)
 
 
 @dataclass(frozen=True)

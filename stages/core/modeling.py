@@ -83,8 +83,27 @@ def load_base(path: Path, cfg: QuantizationConfig):
         kwargs["quantization_config"] = bnb_config(cfg)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     keep_compute_dtype_on_cpu(model)
+    if cfg.load_in_4bit:
+        release_weights_file(model)
     model.eval()
     return model
+
+
+def release_weights_file(model) -> None:
+    """Copy the tensors a 4-bit model still reads from the memory-mapped weights file (embeddings, norms,
+    lm_head: bitsandbytes quantizes only the linear layers) into memory of their own, so the mapping closes.
+
+    Quantizing reads every weight, and on a CPU those file pages then stay in the process's resident memory
+    for as long as one tensor maps them: measured here (SmolLM2-135M, fp32 file of 538 MB), 1,014 MB
+    resident after loading, 712 MB after this copy, against 713 MB for the unquantized base.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        for _, tensor in tensors:
+            if tensor.device.type == "cpu" and not isinstance(tensor, bnb.nn.Params4bit):
+                tensor.data = tensor.data.clone()
 
 
 def load_adapter_model(base: Path, adapter: Path, cfg: QuantizationConfig):

@@ -48,6 +48,17 @@ class Plan:
     bf16_bytes: float = 0.0
     flops_per_token: float = 0.0
     context: int = 0
+    matmul_weights: int = 0  # weights of every linear layer, lm_head included: each token multiplies them all
+    layers: int = 0
+    attention_width: int = 0  # heads x head dimension
+
+    def training_flops_per_token(self, context: int) -> float:
+        """FLOPs to train on one token with the base frozen, ~ 4 N + 12 L d T: each weight costs 2 in the forward
+        pass and 2 more in the backward pass for the activation gradient, and only LoRA weights need weight
+        gradients (2 more each); attention over `context` tokens costs 4 L T d forward (scores and mix) and
+        twice that backward (gradients for both operands of each product)."""
+        attention_forward = 4 * self.layers * context * self.attention_width
+        return 4 * (self.matmul_weights + self.trainable) + 2 * self.trainable + 3 * attention_forward
 
 
 def nf4_bits_per_weight(double_quant: bool) -> float:
@@ -138,19 +149,12 @@ def plan(params: Params, paths: Paths) -> Plan:
     result.bf16_bytes = 2.0 * result.base_parameters
     bits = nf4_bits_per_weight(params.quantization.double_quant)
     result.nf4_bytes = quantized * bits / 8 + 2.0 * (result.base_parameters - quantized)
-    result.context = params.prompt.max_length
-    result.flops_per_token = training_flops_per_token(config, matmul_weights, result.trainable, result.context)
-    return result
-
-
-def training_flops_per_token(config, matmul_weights: int, lora_weights: int, context: int) -> float:
-    """FLOPs to train on one token: forward 2 per weight plus attention (scores and mix over `context`
-    tokens: 4 * layers * context * attention width); backward the same again for activation gradients,
-    but weight gradients (2 per weight) only for the LoRA weights, the base being frozen."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    attention = 4 * config.num_hidden_layers * context * config.num_attention_heads * head_dim
-    forward = 2 * (matmul_weights + lora_weights) + attention
-    return 2 * forward + 2 * lora_weights
+    result.matmul_weights, result.layers = matmul_weights, config.num_hidden_layers
+    result.attention_width = config.num_attention_heads * head_dim
+    result.context = params.prompt.max_length
+    result.flops_per_token = result.training_flops_per_token(result.context)
+    return result
 
 
 def size(n_bytes: float) -> str:

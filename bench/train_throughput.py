@@ -1,0 +1,367 @@
+"""Benchmark: the project's train_qlora against the course-style trainer, same machine, same run.
+
+The baseline is written the way the course does it: TRL's SFTTrainer on the same base loaded in 4-bit NF4,
+the same LoRA (params `lora`, passed as `peft_config`), every sequence padded to `prompt.max_length` (182),
+batch `train.batch_size` (4), no packing, TRL's defaults otherwise. The project side is stages/train_qlora's
+own model and Trainer (labelled-position logits, length-grouped batches padded to their longest example;
+padding-free rows when `train.padding_free`). Both take the same optimizer, schedule and learning rate from
+params, the same train split and the same number of optimizer steps, each in its own process (peak RSS is
+per process), alternating baseline, project, baseline, project...
+
+Reported per trainer (median over rounds): useful (non-pad) tokens per second of training, training wall
+seconds, peak RSS, the share of computed tokens that were padding, the validation loss afterwards (mean per
+labelled token over data/tokenized/val, computed by the same function for both), and model-FLOPs
+utilisation: useful tokens/s x FLOPs per token / this CPU's peak. FLOPs per token ~ 4 N + 12 L d T
+(stages/core/planner.py: N the weights of every linear layer and LoRA, L layers, d attention width, T the mean
+example length); the peak is cores x clock x 64 float32 FLOPs per cycle (two AVX-512 FMA units x 16 lanes x
+2), printed with the float32 matmul rate measured here for scale.
+Needs a finished pipeline (`make demo`): models/base, data/splits and data/tokenized.
+Writes bench/results/train_throughput.json.
+
+Run: `python -m bench.train_throughput [--steps 40] [--rounds 2]` (or `make bench-train`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results" / "train_throughput.json"
+TRAINERS = ("baseline", "project")
+FP32_FLOPS_PER_CYCLE = 64  # two AVX-512 FMA units x 16 float32 lanes x 2 FLOPs (multiply and add)
+
+
+class CountingCollator:
+    """Wrap a data collator and count, per batch, the tokens it hands the model: computed (the batch's size)
+    and useful (those the attention mask keeps; a padding-free row has no mask and no padding). The data
+    loader prepares a batch ahead, so `totals(n)` sums the first `n` batches only: those trained on."""
+
+    def __init__(self, collator):
+        self.collator, self.batches = collator, []
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        mask = batch.get("attention_mask")
+        computed = batch["input_ids"].numel()
+        self.batches.append((computed, int(mask.sum()) if mask is not None else computed))
+        return batch
+
+    def totals(self, n: int) -> tuple[int, int]:
+        """(computed, useful) tokens of the first `n` batches."""
+        return sum(c for c, _ in self.batches[:n]), sum(u for _, u in self.batches[:n])
+
+
+def bench_params(steps: int):
+    """params.yaml with `steps` optimizer steps and nothing but training: no evaluation, checkpoint or sample."""
+    from stages.core.config import load_params
+
+    params = load_params("params.yaml")
+    train = dataclasses.replace(
+        params.train,
+        max_steps=steps,
+        eval_steps=10**6,
+        save_steps=10**6,
+        early_stopping_patience=0,
+        sample_prompts=0,
+    )
+    return dataclasses.replace(params, train=train)
+
+
+def scratch_project(folder: Path):
+    """Paths of a throwaway project in `folder` reading this project's base and tokenized data, so the
+    benchmark's checkpoints never touch .cache/train_qlora."""
+    from stages.core.paths import Paths
+
+    here, there = Paths.at("."), Paths.at(folder)
+    for source, link in ((here.base_model, there.base_model), (here.tokenized, there.tokenized)):
+        if not source.exists():
+            raise SystemExit(f"{source}: missing; run the pipeline first (make demo)")
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(source)
+    return there
+
+
+def train_project(params, paths):
+    """(model, tokenizer, counter, seconds): stages/train_qlora's model and Trainer, trained `max_steps`."""
+    from datasets import load_from_disk
+
+    from stages.train_qlora import build_trainer, choose_optimizer, prepare_model
+
+    tokenizer, model = prepare_model(params, paths)
+    optimizer, _ = choose_optimizer(params.train.optimizer)
+    trainer, _ = build_trainer(params, paths, model, tokenizer, load_from_disk(str(paths.tokenized)), optimizer)
+    return model, tokenizer, *timed_training(trainer)
+
+
+def course_pairs(rows: list[dict], prompt) -> list[dict]:
+    """Prompt/completion pairs for TRL from split rows (price rows through the templates)."""
+    from stages.core.prompts import render_completion, render_prompt
+    from stages.core.shapes import PAIR, PRICE, split_shape
+
+    shape = split_shape(rows, "data/splits/train.jsonl")
+    if shape == PRICE:
+        return [
+            {
+                "prompt": render_prompt(prompt.template, r["text"]),
+                "completion": render_completion(prompt.completion, r["price"]),
+            }
+            for r in rows
+        ]
+    if shape == PAIR:
+        return [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
+    raise SystemExit(f"the baseline handles price and prompt/completion data, not {shape}")
+
+
+def train_baseline(params, paths):
+    """(model, tokenizer, counter, seconds): TRL's SFTTrainer as the course sets it up, trained `max_steps`."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from stages.core.io import read_jsonl
+    from stages.core.modeling import device, load_base, load_tokenizer
+    from stages.train_qlora import choose_optimizer, choose_schedule
+
+    cfg, lora = params.train, params.lora
+    scheduler, warmup, _ = choose_schedule(cfg)
+    tokenizer = load_tokenizer(paths.base_model)
+    args = SFTConfig(
+        output_dir=str(paths.train_scratch),
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=scheduler,
+        warmup_steps=warmup,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        optim=choose_optimizer(cfg.optimizer)[0],
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        logging_steps=cfg.logging_steps,
+        save_strategy="no",
+        eval_strategy="no",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        use_cpu=device() == "cpu",
+        bf16=False,
+        report_to="none",
+        max_length=params.prompt.max_length,
+        packing=False,
+        padding_free=False,
+        pad_to_multiple_of=params.prompt.max_length,  # every sequence padded to max_length, as in the course
+        completion_only_loss=True,
+    )
+    trainer = SFTTrainer(
+        model=load_base(paths.base_model, params.quantization),
+        args=args,
+        train_dataset=Dataset.from_list(course_pairs(read_jsonl(Path("data/splits/train.jsonl")), params.prompt)),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+            bias="none",
+            task_type="CAUSAL_LM",
+        ),
+    )
+    return trainer.model, tokenizer, *timed_training(trainer)
+
+
+def timed_training(trainer) -> tuple[CountingCollator, float]:
+    """Train, counting tokens; the seconds cover training only (transformers 5 would otherwise evaluate
+    after the last step of a steps-based schedule: pushed out of reach here)."""
+    counter = CountingCollator(trainer.data_collator)
+    trainer.data_collator = counter
+    trainer.args.eval_delay = 10**9
+    started = time.perf_counter()
+    trainer.train()
+    return counter, time.perf_counter() - started
+
+
+def validation_loss(model, tokenizer, rows) -> float:
+    """Mean cross-entropy per labelled token over the tokenized validation split, full logits, batches of 8."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import DataCollatorForSeq2Seq
+
+    from stages.core.prompts import IGNORE_INDEX
+
+    collate = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX)
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(rows), 8):
+            batch = collate([rows[i] for i in range(start, min(start + 8, len(rows)))])
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            targets = batch["labels"][:, 1:]
+            total += F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+            ).item()
+            count += int((targets != IGNORE_INDEX).sum())
+    return total / count
+
+
+def measure(trainer_name: str, steps: int) -> dict:
+    """Train with one trainer in this process and return its figures."""
+    from datasets import load_from_disk
+    from transformers import set_seed
+
+    from stages.core.modeling import set_threads
+
+    params = bench_params(steps)
+    set_threads(params.train.threads)
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as folder:
+        paths = scratch_project(Path(folder))
+        set_seed(params.train.seed)
+        train = train_baseline if trainer_name == "baseline" else train_project
+        model, tokenizer, counter, seconds = train(params, paths)
+        val = load_from_disk(str(paths.tokenized))["val"]
+        val_loss = validation_loss(model, tokenizer, val)
+    computed, useful = counter.totals(steps * params.train.grad_accum)
+    return {
+        "trainer": trainer_name,
+        "steps": steps,
+        "train_seconds": round(seconds, 2),
+        "useful_tokens": useful,
+        "computed_tokens": computed,
+        "useful_tokens_per_second": round(useful / seconds, 1),
+        "padding_fraction": round(1 - useful / computed, 4),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # Linux: KiB
+        "val_loss": round(val_loss, 4),
+    }
+
+
+def cpu_peak_flops() -> dict:
+    """This CPU's nominal float32 peak (cores x clock x FLOPs per cycle) and a measured 2048^2 matmul rate."""
+    import torch
+
+    clock_hz = None
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("cpu MHz"):
+            clock_hz = float(line.split(":")[1]) * 1e6
+            break
+    cores = torch.get_num_threads()
+    a = torch.randn(2048, 2048)
+    torch.mm(a, a)
+    started, repeats = time.perf_counter(), 10
+    for _ in range(repeats):
+        torch.mm(a, a)
+    measured = repeats * 2 * 2048**3 / (time.perf_counter() - started)
+    return {
+        "cores": cores,
+        "clock_ghz": round(clock_hz / 1e9, 2) if clock_hz else None,
+        "flops_per_cycle_per_core": FP32_FLOPS_PER_CYCLE,
+        "peak_gflops": round(cores * clock_hz * FP32_FLOPS_PER_CYCLE / 1e9, 1) if clock_hz else None,
+        "measured_matmul_gflops": round(measured / 1e9, 1),
+    }
+
+
+def flops_per_token(mean_length: float) -> float:
+    from stages.core.config import load_params
+    from stages.core.paths import Paths
+    from stages.core.planner import plan
+
+    return plan(load_params("params.yaml"), Paths.at(".")).training_flops_per_token(round(mean_length))
+
+
+def run_child(trainer_name: str, steps: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI")}
+    env["TQDM_DISABLE"] = "1"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.train_throughput", "--child", trainer_name, "--steps", str(steps)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"{trainer_name} run failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def summarise(runs: list[dict], cpu: dict) -> dict:
+    """Median figures per trainer, MFU, and the project's speed-up over the baseline."""
+    summary = {}
+    for name in TRAINERS:
+        mine = [r for r in runs if r["trainer"] == name]
+        tokens_per_second = statistics.median(r["useful_tokens_per_second"] for r in mine)
+        mean_length = mine[0]["useful_tokens"] / (mine[0]["steps"] * bench_params(1).train.batch_size)
+        flops = flops_per_token(mean_length)
+        summary[name] = {
+            "useful_tokens_per_second": tokens_per_second,
+            "train_seconds": statistics.median(r["train_seconds"] for r in mine),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in mine),
+            "padding_fraction": mine[0]["padding_fraction"],
+            "val_loss": statistics.mean(r["val_loss"] for r in mine),
+            "flops_per_token": flops,
+            "mfu": round(tokens_per_second * flops / (cpu["peak_gflops"] * 1e9), 4) if cpu["peak_gflops"] else None,
+        }
+    speedup = summary["project"]["useful_tokens_per_second"] / summary["baseline"]["useful_tokens_per_second"]
+    return {"trainers": summary, "speedup": round(speedup, 2)}
+
+
+def print_table(result: dict) -> None:
+    cpu, rows = result["cpu"], result["summary"]["trainers"]
+    print(
+        f"\n{'trainer':<9} {'useful tok/s':>12} {'train s':>8} {'peak RSS MiB':>13} {'padding':>8} "
+        f"{'val loss':>9} {'MFU':>7}"
+    )
+    for name, r in rows.items():
+        mfu = f"{r['mfu']:.2%}" if r["mfu"] is not None else "n/a"
+        print(
+            f"{name:<9} {r['useful_tokens_per_second']:>12.1f} {r['train_seconds']:>8.1f} {r['peak_rss_mb']:>13.1f} "
+            f"{r['padding_fraction']:>8.1%} {r['val_loss']:>9.4f} {mfu:>7}"
+        )
+    print(
+        f"project / baseline useful tokens per second: {result['summary']['speedup']:.2f}x "
+        f"({result['steps']} steps, {result['rounds']} alternating rounds, medians)"
+    )
+    print(
+        f"MFU: FLOPs per token {rows['project']['flops_per_token']:.3g} (4N + 12LdT at the mean example length) "
+        f"against a peak of {cpu['peak_gflops']} GFLOP/s ({cpu['cores']} cores x {cpu['clock_ghz']} GHz x "
+        f"{cpu['flops_per_cycle_per_core']} fp32 FLOPs/cycle); a 2048^2 float32 matmul runs at "
+        f"{cpu['measured_matmul_gflops']} GFLOP/s here"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run (default 40)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating baseline/project rounds (default 2)")
+    parser.add_argument("--child", choices=TRAINERS, help=argparse.SUPPRESS)  # internal: one run
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(measure(args.child, args.steps)))
+        return 0
+    runs = []
+    for round_number in range(1, args.rounds + 1):
+        for name in TRAINERS:
+            runs.append(run_child(name, args.steps))
+            r = runs[-1]
+            print(
+                f"round {round_number} {name}: {r['useful_tokens_per_second']} useful tok/s, "
+                f"{r['train_seconds']} s, val loss {r['val_loss']}",
+                flush=True,
+            )
+    from stages.core.io import write_json
+
+    cpu = cpu_peak_flops()
+    result = {"steps": args.steps, "rounds": args.rounds, "cpu": cpu, "runs": runs, "summary": summarise(runs, cpu)}
+    print_table(result)
+    write_json(RESULTS, result)
+    print(f"written to {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
