@@ -28,11 +28,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from stages.core import distributed
 from stages.core.charts import loss_curve
 from stages.core.checkpoints import fingerprint, prepare_scratch
 from stages.core.cli import StageError, run_stage
 from stages.core.config import ConfigError, LoraConfig, Params, QuantizationConfig, TrainConfig
 from stages.core.io import atomic_path, write_csv, write_json, write_text
+from stages.core.launcher import relaunch
 from stages.core.modeling import device, load_base, load_tokenizer, set_threads
 from stages.core.paths import Paths
 
@@ -186,6 +188,7 @@ def training_arguments(cfg: TrainConfig, output_dir: Path, optimizer: str, sched
         prediction_loss_only=True,  # validation needs the loss only, not every logit kept in memory
         report_to="none",
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient: skip DDP's search for unused ones
     )
 
 
@@ -269,9 +272,10 @@ def prepare_model(params: Params, paths: Paths):
     return tokenizer, model
 
 
-def run(params: Params, paths: Paths) -> Result:
+def run(params: Params, paths: Paths) -> Result | str:
     """Train LoRA adapters on the 4-bit base (resuming a matching checkpoint); write the adapter, metrics,
-    loss curve and samples atomically once training completes."""
+    loss curve and samples atomically once training completes. In a multi-process run every rank trains and
+    rank 0 alone prepares the checkpoint folder and writes; the other ranks return a line saying what they did."""
     from datasets import load_from_disk
     from transformers import set_seed
 
@@ -281,17 +285,26 @@ def run(params: Params, paths: Paths) -> Result:
     for note in (optimizer_note, dtype_note(params.quantization)):
         if note:
             print(f"note: {note}")
-    set_threads(cfg.threads)
-    resume = prepare_scratch(paths.train_scratch, fingerprint(params, paths.tokenized, paths.base_model))
+    set_threads(distributed.threads_per_process(cfg.threads))
+    resume = distributed.on_main_then_share(
+        lambda: prepare_scratch(paths.train_scratch, fingerprint(params, paths.tokenized, paths.base_model))
+    )
     set_seed(cfg.seed)
     tokenizer, model = prepare_model(params, paths)
     data = load_from_disk(str(paths.tokenized))
     trainer, watch = build_trainer(params, paths, model, tokenizer, data, optimizer)
+    seen = distributed.record_training_examples(trainer)
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - started  # this session only, validation passes and samples included
-    metrics = write_outputs(params, paths, trainer, model, tokenizer, seconds, watch.tokens_at_start)
+    processes = distributed.process_facts(seen, cfg.batch_size * cfg.grad_accum * distributed.world_size())
+    # The adapter's full weights on every rank (FSDP gathers its shards here; DDP and one process: as is).
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if distributed.world_size() > 1 else None
+    if not distributed.is_main():
+        return distributed.follower_summary(seen)
+    metrics = write_outputs(params, paths, trainer, model, tokenizer, seconds, watch.tokens_at_start, state_dict)
     metrics.update(optimizer=optimizer, resumed_from_step=int(resume.name.rsplit("-", 1)[1]) if resume else 0)
+    metrics["processes"] = processes
     write_json(paths.train_metrics, metrics)
     if watch.stream:
         watch.stream.artifact(paths.loss_chart, "plots")
@@ -309,12 +322,15 @@ def run(params: Params, paths: Paths) -> Result:
     )
 
 
-def write_outputs(params, paths: Paths, trainer, model, tokenizer, seconds: float, tokens_at_start: int) -> dict:
-    """Write the adapter, plots/loss.csv, the loss chart and the samples; return the metrics for train.json."""
+def write_outputs(
+    params, paths: Paths, trainer, model, tokenizer, seconds: float, tokens_at_start: int, state_dict=None
+) -> dict:
+    """Write the adapter (from `state_dict` when given), plots/loss.csv, the loss chart and the samples;
+    return the metrics for train.json. Rank 0 only."""
     state = trainer.state
     rows = loss_rows(state.log_history)
     with atomic_path(paths.adapter) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
     write_csv(paths.loss_plot, rows)
     loss_curve(rows, paths.loss_chart)
@@ -354,6 +370,10 @@ def print_plan(params: Params, paths: Paths) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train here, or with `train.launcher: accelerate` start this stage in train.num_processes processes."""
+    launched = relaunch("train_qlora", argv)
+    if launched is not None:
+        return launched
     return run_stage("train_qlora", run, argv, actions={"--plan": print_plan})
 
 

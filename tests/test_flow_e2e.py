@@ -25,6 +25,7 @@ from tests.conftest import REPO_ROOT, price_rows, write_project
 COPIED = (
     "stages",
     "flows",
+    "configs",
     "dvc.yaml",
     ".dvc/config",
     ".dvc/.gitignore",

@@ -20,6 +20,10 @@ class ConfigError(ValueError):
     """params.yaml is missing a key, has an unknown one, or holds a value of the wrong type."""
 
 
+# How train_qlora runs: in this process, or in processes started by `accelerate launch` (stages/core/launcher.py).
+LAUNCHERS = ("single", "accelerate")
+
+
 @dataclass(frozen=True)
 class BaseModelConfig:
     source: str = "embedded:smollm2"  # "embedded:smollm2", a Hub model id, or a local model directory
@@ -104,6 +108,20 @@ class TrainConfig:
     threads: int = 0
     group_by_length: bool = True  # batch examples of similar length together: less padding
     padding_free: bool = False  # concatenate each batch into one row without padding (position ids restart)
+    launcher: str = "single"  # "single": this process; "accelerate": `accelerate launch` starts num_processes
+    num_processes: int = 2  # processes accelerate starts: one per GPU, or CPU processes on gloo
+    accelerate_config: str | None = None  # accelerate config YAML (DDP, FSDP), relative to the project root
+
+    def __post_init__(self):
+        if self.launcher not in LAUNCHERS:
+            raise ConfigError(f"train.launcher: expected one of {list(LAUNCHERS)}, got {self.launcher!r}")
+        if self.num_processes < 1:
+            raise ConfigError(f"train.num_processes: expected at least 1, got {self.num_processes}")
+        if self.accelerate_config is not None and not self.accelerate_config.endswith((".yaml", ".yml", ".json")):
+            raise ConfigError(
+                f"train.accelerate_config: expected an accelerate config file (.yaml, .yml or .json) or null, "
+                f"got {self.accelerate_config!r}"
+            )
 
 
 @dataclass(frozen=True)

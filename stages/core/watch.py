@@ -4,7 +4,7 @@
   norm, tokens seen and tokens per second (training time only, evaluations and saving left out), completes
   a few fixed validation prompts greedily and prints them, appends them to `<scratch>/samples.jsonl`, and
   streams the numbers and samples to MLflow when MLFLOW_RUN_ID names a run (the stage adds the loss chart
-  there at the end).
+  there at the end). When several processes train, rank 0 alone prints, samples and streams.
 - `FiniteLossGuard`: stops training at the optimizer step whose gradients (or logged loss) are NaN or
   infinite, with the step and learning rate in the error.
 - `QuietProgress`: the Trainer's progress bar without its dict print at every logging step.
@@ -163,7 +163,8 @@ class WatchCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.tokens_at_start = state.num_input_tokens_seen
-        kept_samples(self.samples_file, state.global_step)
+        if state.is_world_process_zero:
+            kept_samples(self.samples_file, state.global_step)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.step_started = time.perf_counter()
@@ -172,7 +173,7 @@ class WatchCallback(TrainerCallback):
         self.train_seconds += time.perf_counter() - self.step_started
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.stream and logs and "loss" in logs:
+        if self.stream and logs and "loss" in logs and state.is_world_process_zero:
             keys = {"loss": "train_loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm"}
             self.stream.metrics(state.global_step, {name: logs.get(key) for key, name in keys.items()})
 
@@ -182,6 +183,8 @@ class WatchCallback(TrainerCallback):
         speed = (tokens - self.tokens_at_start) / self.train_seconds if self.train_seconds > 0 else 0.0
         if state.log_history and "eval_loss" in state.log_history[-1]:
             state.log_history[-1]["tokens_per_second"] = round(speed, 1)  # kept in checkpoints, read into the CSV
+        if not state.is_world_process_zero:  # several processes: rank 0 alone prints, samples and streams
+            return
         train = last_training_entry(state.log_history)
         tqdm.write(evaluation_line(step, state.max_steps, val_loss, train, tokens, speed))
         if self.stream:
