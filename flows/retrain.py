@@ -9,8 +9,13 @@
    train_qlora streams its curves into it live, and the last stage, record_run, logs everything else,
    registers the adapter and applies the promotion gate. A stage is retried `flow.stage_retries` times
    when its failure may pass (killed process, OS error, DVC lock), never on bad input, params or code.
-4. Publish a Markdown report (Prefect artifact `retrain-report`): the new adapter beside the previous
-   champion and the base model, promoted or not and why, and the MLflow run with the command to open it.
+4. With `flow.push: true`, `dvc push` the outputs to the DVC remote (flows/remote.py) after every successful
+   run, retrained or up to date (DVC sends only what the remote lacks, so a run also finishes an earlier failed
+   push). A remote that is missing stops the run before training; a failed push fails the run, keeps the
+   outputs here and says how to push them by hand.
+5. Publish a Markdown report (Prefect artifact `retrain-report`): the new adapter beside the previous
+   champion and the base model, promoted or not and why, the MLflow run with the command to open it, and
+   what was pushed where.
 
 Run: `python -m flows.retrain` (Prefect starts a temporary local server when PREFECT_API_URL is unset);
 `python -m flows.serve` puts it on a schedule.
@@ -30,6 +35,7 @@ import subprocess
 import sys
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -37,6 +43,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import deployment, flow_run
 
+from flows.remote import PushFailed, push_outputs, push_target
 from flows.workspace import busy_message, describe_changes, pipeline_changes, workspace_lock
 from stages.core.cli import TRANSIENT_EXIT
 from stages.core.config import Params, load_params
@@ -83,9 +90,9 @@ def is_transient(status: int | None, output: str) -> bool:
 
 
 def retry_when_transient(task, task_run, state) -> bool:
-    """Prefect retry condition: retry a stage only when its failure may pass."""
+    """Prefect retry condition: retry a stage or a push only when its failure may pass."""
     error = state.result(raise_on_failure=False)
-    return isinstance(error, StageFailed) and error.transient
+    return isinstance(error, (StageFailed, PushFailed)) and error.transient
 
 
 def stage_environment(extra: dict[str, str]) -> dict[str, str]:
@@ -187,17 +194,57 @@ def publish(markdown: str, description: str) -> None:
     create_markdown_artifact(markdown, key=REPORT_KEY, description=description)
 
 
-def up_to_date(paths: Paths) -> dict:
-    """Report that nothing changed, naming the last recorded run; start nothing."""
+@dataclass(frozen=True)
+class Shared:
+    """What `flow.push` did: the report section, the line for the result, and the failure to raise."""
+
+    section: str = ""
+    line: str | None = None
+    failure: PushFailed | None = None
+
+    def publish(self, markdown: str, description: str) -> None:
+        """Publish the report with this section; then raise the push failure, if any, to fail the run."""
+        publish(markdown + self.section, f"{description}, push failed" if self.failure else description)
+        if self.failure:
+            raise self.failure
+
+
+def share_outputs(paths: Paths, params: Params, target: tuple[str, str] | None) -> Shared:
+    """`dvc push` to `target` (remote name, masked URL) as a Prefect task retried on transient failures;
+    nothing when flow.push is off (`target` None)."""
+    if target is None:
+        return Shared()
+    remote, url = target
+    pushing = push_outputs.with_options(
+        retries=params.flow.stage_retries,
+        retry_delay_seconds=params.flow.retry_delay_seconds,
+        retry_condition_fn=retry_when_transient,
+    )
+    try:
+        pushed = pushing(str(paths.root), remote, url)
+    except PushFailed as exc:
+        failure = PushFailed(
+            f"push failed: {exc}. The run itself succeeded: its outputs stay in this workspace and its DVC cache; "
+            f"push them by hand with `dvc push -r {remote}` once the remote works (or let the next run do it)",
+            exc.transient,
+        )
+        return Shared(f"\n## Shared outputs\n\n**{failure}**\n", None, failure)
+    print(pushed.line())
+    return Shared(f"\n## Shared outputs\n\n{pushed.line()}.\n", pushed.line())
+
+
+def up_to_date(paths: Paths, params: Params, target: tuple[str, str] | None) -> dict:
+    """Report that nothing changed, naming the last recorded run; start nothing but the push (flow.push)."""
     last = read_json(paths.run_record) if paths.run_record.is_file() else {}
     since = f" The last recorded run is `{last['run_id']}` in `{last['tracking_uri']}`." if last else ""
-    publish(
+    print("up to date: data, params and code match dvc.lock; nothing to retrain")
+    shared = share_outputs(paths, params, target)
+    shared.publish(
         "# Retrain report: up to date\n\nNothing changed since dvc.lock was written (data, params and code "
         f"all match), so nothing was trained and no MLflow run was started.{since}\n",
         "up to date",
     )
-    print("up to date: data, params and code match dvc.lock; nothing to retrain")
-    return {"state": "up to date", "run_id": None, "last_run_id": last.get("run_id")}
+    return {"state": "up to date", "run_id": None, "last_run_id": last.get("run_id"), "pushed": shared.line}
 
 
 def run_stages(paths: Paths, params: Params, run_id: str) -> dict[str, float]:
@@ -216,8 +263,8 @@ def run_stages(paths: Paths, params: Params, run_id: str) -> dict[str, float]:
     return stage_seconds
 
 
-def retrain_changed(paths: Paths, params: Params, changes: str) -> dict:
-    """Run the stages into one MLflow run, close it, and publish the report."""
+def retrain_changed(paths: Paths, params: Params, changes: str, target: tuple[str, str] | None) -> dict:
+    """Run the stages into one MLflow run, close it, push the outputs (flow.push) and publish the report."""
     client = client_for(paths, params)
     run_id = start_pipeline_run(paths, params, started_by="prefect", run_name=flow_run.get_name())
     client.set_tag(run_id, "prefect.flow_run_id", str(flow_run.get_id()))
@@ -233,25 +280,33 @@ def retrain_changed(paths: Paths, params: Params, changes: str) -> dict:
     record = read_json(paths.run_record)
     if record["run_id"] != run_id:  # record_run was up to date: nothing it reads changed
         client.delete_run(run_id)
-        publish(f"# Retrain report: outputs unchanged\n\n```\n{changes}\n```\n", "outputs unchanged")
-        return {"state": "outputs unchanged", "run_id": record["run_id"], "stage_seconds": stage_seconds}
+        shared = share_outputs(paths, params, target)
+        shared.publish(f"# Retrain report: outputs unchanged\n\n```\n{changes}\n```\n", "outputs unchanged")
+        return {
+            "state": "outputs unchanged",
+            "run_id": record["run_id"],
+            "stage_seconds": stage_seconds,
+            "pushed": shared.line,
+        }
     log_metrics(client, run_id, {f"stage_seconds.{stage}": seconds for stage, seconds in stage_seconds.items()})
-    client.set_terminated(run_id, status="FINISHED")
+    client.set_terminated(run_id, status="FINISHED")  # the training succeeded, whatever the push does
     metrics = read_json(paths.eval_metrics)
     if record.get("previous_champion"):
         metrics["champion"] = record["previous_champion"]
     data = read_json(paths.data_metrics)
-    publish(trained_report(metrics, record, data, changes, hint, stage_seconds), "retrained")
     print(
         f"\n{comparison_table(metrics)}\n\n{promotion_lines(record)}\n"
         f"stage times (dvc repro, skips included): {timings(stage_seconds)}\n{hint}"
     )
+    shared = share_outputs(paths, params, target)
+    shared.publish(trained_report(metrics, record, data, changes, hint, stage_seconds), "retrained")
     return {
         "state": "retrained",
         "run_id": run_id,
         "metrics": metrics,
         "promotion": record,
         "stage_seconds": stage_seconds,
+        "pushed": shared.line,
     }
 
 
@@ -261,12 +316,13 @@ def retrain(project_dir: str = str(PROJECT_ROOT)) -> dict:
     paths = Paths.at(project_dir)
     params = load_params(paths.params)
     with workspace_lock(paths, params.flow.lock_wait_seconds, owner=f"flow run {flow_run.get_name()}"):
+        target = push_target(paths.root, params.flow.remote) if params.flow.push else None  # before training
         changes = pipeline_changes(paths.root, stage_environment({}))
         if not changes:
-            return up_to_date(paths)
+            return up_to_date(paths, params, target)
         summary = describe_changes(changes)
         print(f"changed since the last run:\n{summary}")
-        return retrain_changed(paths, params, summary)
+        return retrain_changed(paths, params, summary, target)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -136,3 +136,32 @@ def pipeline_project(tmp_path_factory, tiny_model_dir):
     for module in (base_model, split_data, tokenize_data, train_qlora, evaluate_adapter):
         results[module.__name__.rsplit(".", 1)[-1]] = module.run(params, paths)
     return paths, params, results
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """The API URL of one Prefect server on loopback, shared by the flow tests and stopped at the end."""
+    from flows.local_server import prefect_server
+
+    with prefect_server(tmp_path_factory.mktemp("prefect-server"), dict(os.environ)) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def dvc_remote(tmp_path_factory) -> Path:
+    """The folder of the local DVC remote `shared` that `flow_project` pushes to."""
+    return tmp_path_factory.mktemp("dvc-remote")
+
+
+@pytest.fixture(scope="session")
+def flow_project(tmp_path_factory, tiny_model_dir, prefect_api, dvc_remote):
+    """A tiny workspace in a temporary git repository (raw CSV under `dvc add`, `dvc_remote` its default DVC
+    remote, flow.push: true) after one run of the flow: (root, env, the flow's completed process). Built once
+    for test_dvc_remote.py and test_flow_e2e.py, which go on changing it in that order (one flow run, ~80 s)."""
+    from tests.flow_workspace import commit, dvc, flow, new_workspace
+
+    root = tmp_path_factory.mktemp("e2e")
+    env = new_workspace(root, tiny_model_dir, prefect_api, overrides={"flow": {"push": True}})
+    dvc(["remote", "add", "-d", "shared", str(dvc_remote)], root, env)
+    commit(root, env, "tiny project")
+    return root, env, flow(root, env)

@@ -8,12 +8,15 @@ in dvc.yaml, so DVC re-runs exactly the stages whose parameters changed.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+REMOTE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # a DVC remote name, never a URL
 
 
 class ConfigError(ValueError):
@@ -168,11 +171,18 @@ class FlowConfig:
     timezone: str = "UTC"
     deployment: str = "scheduled-retrain"
     lock_wait_seconds: int = 0  # a second retrain on this workspace waits this long for the first, then stops
+    push: bool = False  # `dvc push` the outputs to a DVC remote after every successful run
+    remote: str | None = None  # the DVC remote's name; None: the default remote (`dvc remote add -d`)
 
     def __post_init__(self):
         for key in ("stage_retries", "retry_delay_seconds", "lock_wait_seconds"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"flow.{key}: must be >= 0, got {getattr(self, key)}")
+        if self.remote is not None and not REMOTE_NAME.fullmatch(self.remote):
+            raise ConfigError(
+                f"flow.remote: expected the name of a DVC remote (as in `dvc remote list`) or null, got "
+                f"{self.remote!r}; the remote's URL belongs in .dvc/config (`dvc remote add`), not here"
+            )
 
 
 @dataclass(frozen=True)
