@@ -50,12 +50,15 @@ def _holder(lock_file: Path) -> str:
 
 @contextmanager
 def workspace_lock(paths: Paths, wait_seconds: float, owner: str):
-    """Hold the workspace for one retrain; wait up to `wait_seconds` for another one, then raise WorkspaceBusy."""
+    """Hold the workspace for one retrain; wait up to `wait_seconds` for another one, then raise WorkspaceBusy.
+    Yields whether it had to wait (what was read of the workspace before may then be out of date)."""
     lock_file = paths.workspace_lock
     lock_file.parent.mkdir(parents=True, exist_ok=True)
     with lock_file.open("a+", encoding="utf-8") as handle:
         deadline = time.monotonic() + wait_seconds
+        waited = False
         while not _try_lock(handle):
+            waited = True
             if time.monotonic() >= deadline:
                 waited = f" after waiting {wait_seconds:g} s" if wait_seconds else ""
                 raise WorkspaceBusy(
@@ -68,7 +71,7 @@ def workspace_lock(paths: Paths, wait_seconds: float, owner: str):
         handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "owner": owner, "since": since}))
         handle.flush()
         try:
-            yield
+            yield waited
         finally:
             handle.truncate(0)
             fcntl.flock(handle, fcntl.LOCK_UN)
@@ -87,12 +90,31 @@ def busy_message(paths: Paths) -> str | None:
 
 def pipeline_changes(root: Path, env: dict[str, str] | None = None) -> dict:
     """`dvc status --json` in `root`: {stage: [what changed]}; {} when everything is up to date."""
-    done = subprocess.run(
-        [sys.executable, "-m", "dvc", "status", "--json"], cwd=root, env=env, capture_output=True, text=True
-    )
-    if done.returncode != 0:
-        raise DvcStatusFailed(f"`dvc status` failed in {root}: {(done.stderr or done.stdout).strip()[-2000:]}")
-    return json.loads(done.stdout or "{}")
+    return StatusAhead(root, env).changes()
+
+
+class StatusAhead:
+    """`dvc status --json` in `root`, started now and read later, so DVC can answer while the caller does
+    something else: `python -m flows.retrain` starts it before importing Prefect (each takes 1-2 s here)."""
+
+    def __init__(self, root: Path, env: dict[str, str] | None = None):
+        self.root = Path(root).resolve()
+        command = [sys.executable, "-m", "dvc", "status", "--json"]
+        self.process = subprocess.Popen(
+            command, cwd=self.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+
+    def changes(self) -> dict:
+        """{stage: [what changed]}, {} when up to date; DvcStatusFailed with DVC's message."""
+        out, err = self.process.communicate()
+        if self.process.returncode != 0:
+            raise DvcStatusFailed(f"`dvc status` failed in {self.root}: {(err or out).strip()[-2000:]}")
+        return json.loads(out or "{}")
+
+    def discard(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.communicate()
 
 
 def describe_changes(changes: dict) -> str:

@@ -1,12 +1,14 @@
 """One retrain per workspace at a time, and reading `dvc status`."""
 
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from flows.workspace import WorkspaceBusy, busy_message, describe_changes, workspace_lock
+from flows.workspace import DvcStatusFailed, WorkspaceBusy, busy_message, describe_changes, workspace_lock
 from stages.core.paths import Paths
 
 HOLD = """
@@ -41,11 +43,14 @@ def test_a_second_retrain_stops_with_the_holder_named(tmp_path):
 def test_a_second_retrain_waits_for_the_first_when_asked(tmp_path):
     holder = hold_lock(tmp_path, 1.5)
     started = time.monotonic()
-    with workspace_lock(Paths.at(tmp_path), 30, owner="second"):
+    with workspace_lock(Paths.at(tmp_path), 30, owner="second") as had_to_wait:
         waited = time.monotonic() - started
         assert "second" in busy_message(Paths.at(tmp_path))
     holder.wait()
     assert 0.5 < waited < 30
+    assert had_to_wait  # so the flow asks DVC again rather than trust an answer from before the wait
+    with workspace_lock(Paths.at(tmp_path), 30, owner="third") as had_to_wait:
+        assert not had_to_wait
 
 
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
@@ -67,6 +72,33 @@ def test_flow_refuses_to_start_on_a_busy_workspace(tmp_path, capsys):
         holder.kill()
         holder.wait()
     assert "retrain not started: another retrain is running" in capsys.readouterr().err
+
+
+def test_status_started_ahead_gives_what_dvc_status_gives(tmp_path):
+    from flows.workspace import StatusAhead, pipeline_changes
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    for command in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        subprocess.run(command, cwd=tmp_path, env=env, check=True)
+    (tmp_path / "dvc.yaml").write_text("stages:\n  hello:\n    cmd: echo hi > out.txt\n    outs: [out.txt]\n")
+    assert StatusAhead(tmp_path, env).changes() == pipeline_changes(tmp_path, env) != {}
+    subprocess.run([sys.executable, "-m", "dvc", "repro", "-q"], cwd=tmp_path, env=env, check=True)
+    assert StatusAhead(tmp_path, env).changes() == {}
+    (tmp_path / "dvc.yaml").write_text("not: [valid")
+    with pytest.raises(DvcStatusFailed, match="`dvc status` failed in"):
+        StatusAhead(tmp_path, env).changes()
+
+
+def test_the_flow_asks_dvc_again_when_the_answer_ahead_may_be_stale(tmp_path, monkeypatch):
+    from flows import retrain
+
+    asked = []
+    monkeypatch.setattr(retrain, "pipeline_changes", lambda root, env: asked.append(root) or {"stage": ["changed"]})
+    ahead = retrain.StatusAhead(tmp_path, None)  # not a DVC project: this answer would be an error
+    monkeypatch.setattr(retrain, "STATUS_AHEAD", ahead)
+    assert retrain.workspace_changes(Paths.at(tmp_path), stale=True) == {"stage": ["changed"]}
+    assert asked == [Paths.at(tmp_path).root] and ahead.process.returncode is not None
+    assert retrain.STATUS_AHEAD is None  # used up: a later flow run in this process asks DVC itself
 
 
 def test_dvc_status_is_described_one_line_per_stage():
