@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # Stage commands in dvc.yaml call `python`: make it this environment's.
 RUN := env PATH="$(BIN):$$PATH" PREFECT_SERVER_ANALYTICS_ENABLED=false
 
-.PHONY: venv demo test lint format repro plan prefect-server serve mlflow-ui bench-eval bench-memory bench-overhead clean
+.PHONY: venv demo test lint format repro plan prefect-server serve mlflow-ui bench bench-train bench-eval bench-memory bench-overhead clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,13 @@ format: venv
 
 repro: venv
 	$(RUN) $(BIN)/dvc repro
+
+# The four benchmarks of README "Performance", after `make demo` (about 20 minutes here); each prints a
+# table and writes bench/results/<name>.json.
+bench: bench-train bench-eval bench-overhead bench-memory
+
+bench-train: venv
+	$(RUN) $(BIN)/python -m bench.train_throughput
 
 bench-eval: venv
 	$(RUN) $(BIN)/python -m bench.eval_throughput

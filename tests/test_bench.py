@@ -1,0 +1,49 @@
+"""The benchmarks run: each side of bench/train_throughput.py on the tiny project, one optimizer step each.
+
+Their figures are printed by `make bench` on the real model (README "Performance"); here only that the code
+works with the installed TRL and transformers, and that the figures mean what they say.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+
+def bench_child(root: Path, trainer: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TQDM_DISABLE": "1"}
+    command = [sys.executable, "-m", "bench.train_throughput", "--child", trainer, "--steps", "2"]
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def runs(pipeline_project) -> dict:
+    paths, _, _ = pipeline_project
+    return {trainer: bench_child(paths.root, trainer) for trainer in ("baseline", "project")}
+
+
+def test_the_baseline_pads_every_sequence_to_max_length(runs, pipeline_project):
+    _, params, _ = pipeline_project
+    baseline = runs["baseline"]
+    batch = params.train.batch_size
+    assert baseline["computed_tokens"] == 2 * batch * params.prompt.max_length
+    assert baseline["padding_fraction"] > 0.3  # tiny examples are ~65 tokens of 128
+
+
+def test_the_project_computes_almost_no_padding_and_scores_the_same_validation_set(runs):
+    project, baseline = runs["project"], runs["baseline"]
+    assert project["padding_fraction"] < 0.2 < baseline["padding_fraction"]
+    assert project["computed_tokens"] < baseline["computed_tokens"]
+    for run in (project, baseline):
+        assert run["steps"] == 2 and run["useful_tokens"] > 0 and run["train_seconds"] > 0
+        assert math.isfinite(run["val_loss"]) and run["peak_rss_mb"] > 0
