@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,28 +19,10 @@ import yaml
 
 from flows.local_server import prefect_server
 from flows.retrain import STAGES
-from tests.conftest import REPO_ROOT, price_rows, write_project
+from tests.conftest import REPO_ROOT, price_rows
+from tests.projects import git_project, latest_report, project_env, run
 
-COPIED = (
-    "stages",
-    "flows",
-    "dvc.yaml",
-    ".dvc/config",
-    ".dvc/.gitignore",
-    ".dvcignore",
-    ".gitignore",
-    "data/raw/README.md",
-)
 ALL_STAGES = set(STAGES)
-
-
-def run(command: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, check=False)
-    if check and done.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(command)} exited {done.returncode}\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
-        )
-    return done
 
 
 @pytest.fixture(scope="module")
@@ -57,32 +38,8 @@ def flow(root: Path, env: dict, check: bool = True) -> subprocess.CompletedProce
 @pytest.fixture(scope="module")
 def flow_project(tmp_path_factory, tiny_model_dir, prefect_api):
     root = tmp_path_factory.mktemp("e2e")
-    for name in COPIED:
-        source = REPO_ROOT / name
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        if source.is_dir():
-            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(source, root / name)
-    write_project(root, tiny_model_dir)
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "PREFECT_HOME": str(root / ".prefect-home"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "TQDM_DISABLE": "1",
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@t",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@t",
-    }
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "DVC_EXP_NAME", "DVC_ROOT", "PIPELINE_STARTED_BY"):
-        env.pop(name, None)
-    env["PREFECT_API_URL"] = prefect_api
-    run(["git", "init", "-q"], root, env)
-    run([sys.executable, "-m", "dvc", "add", "-q", "data/raw/prices.csv"], root, env)  # as the README says
-    run(["git", "add", "-A"], root, env)
-    run(["git", "commit", "-qm", "tiny project"], root, env)
+    env = project_env(root, prefect_api)
+    git_project(root, tiny_model_dir, env)
     return root, env, flow(root, env)
 
 
@@ -207,19 +164,6 @@ def set_param(root: Path, section: str, key: str, value) -> None:
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def latest_report(root: Path, env: dict) -> str:
-    """The newest `retrain-report` Markdown artifact, read back from the Prefect server's REST API."""
-    query = {"artifacts": {"key": {"any_": ["retrain-report"]}}, "sort": "CREATED_DESC", "limit": 1}
-    request = urllib.request.Request(
-        f"{env['PREFECT_API_URL']}/artifacts/filter",
-        data=json.dumps(query).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        (artifact,) = json.load(response)
-    return artifact["data"]
-
-
 def test_a_run_with_nothing_changed_is_up_to_date_in_seconds(flow_project):
     root, env, _ = flow_project
     runs_before = len(all_runs(root))
@@ -232,7 +176,7 @@ def test_a_run_with_nothing_changed_is_up_to_date_in_seconds(flow_project):
     assert "up to date: data, params and code match dvc.lock" in done.stdout + done.stderr
     assert "dvc repro" not in done.stdout + done.stderr  # no stage task ran
     assert len(all_runs(root)) == runs_before and adapter.stat().st_mtime_ns == before
-    assert "Retrain report: up to date" in latest_report(root, env)
+    assert "Retrain report: up to date" in latest_report(env["PREFECT_API_URL"])
     assert seconds < 60  # process start and Prefect import included; the check itself is `dvc status`
 
 
@@ -269,7 +213,7 @@ def test_a_second_flow_on_a_busy_workspace_stops_and_the_first_finishes(flow_pro
     assert record["version"] == "2" and record["promoted"] and "for champion v1: better by" in record["reason"]
     assert str(client.get_model_version_by_alias("qlora-price-adapter", "champion").version) == "2"
     assert "current champion (MLflow)" in output and record["reason"] in output  # the table and the verdict
-    report = latest_report(root, env)
+    report = latest_report(env["PREFECT_API_URL"])
     assert "Retrain report: retrained" in report and "promoted to `champion`" in report and record["run_id"] in report
     assert "| split | rows | sha256 |" in report  # the data report
 
@@ -348,7 +292,7 @@ def test_served_deployment_runs_on_demand_and_pauses_when_stopped(flow_project):
             )
             print(f"deployment run ({expected}): {time.monotonic() - started:.1f} s")
             assert "Completed" in done.stdout + done.stderr
-            assert expected in latest_report(root, env)
+            assert expected in latest_report(env["PREFECT_API_URL"])
     finally:
         serve.send_signal(signal.SIGINT)
         output, _ = serve.communicate(timeout=60)
