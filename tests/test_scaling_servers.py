@@ -91,7 +91,7 @@ def worker_run(tmp_path_factory, servers):
     return root, flow_run, log
 
 
-def test_mlflow_server_holds_the_run_its_artifacts_and_the_registry(worker_run, servers, monkeypatch):
+def test_mlflow_server_holds_the_run_its_artifacts_and_the_registry(worker_run, servers, monkeypatch, tmp_path):
     import mlflow
     from mlflow import MlflowClient
 
@@ -110,7 +110,7 @@ def test_mlflow_server_holds_the_run_its_artifacts_and_the_registry(worker_run, 
     assert len(history) >= 2 and all(point.timestamp > 0 for point in history)  # streamed live by train_qlora
 
     adapter = (root / "models" / "adapter" / "adapter_model.safetensors").read_bytes()
-    downloaded = client.download_artifacts(run_id, "adapter/adapter_model.safetensors", str(root.parent))
+    downloaded = client.download_artifacts(run_id, "adapter/adapter_model.safetensors", str(tmp_path))
     assert Path(downloaded).read_bytes() == adapter
     stored = list((server_folder / "artifacts").rglob("adapter_model.safetensors"))  # the server's store
     assert len(stored) == 1 and stored[0].read_bytes() == adapter
