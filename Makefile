@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # Stage commands in dvc.yaml call `python`: make it this environment's.
 RUN := env PATH="$(BIN):$$PATH" PREFECT_SERVER_ANALYTICS_ENABLED=false
 
-.PHONY: venv demo test lint format repro plan prefect-server serve mlflow-ui bench bench-train bench-eval bench-memory bench-overhead clean
+.PHONY: venv demo test lint format repro plan prefect-server serve deploy worker mlflow-ui mlflow-server bench bench-train bench-eval bench-memory bench-overhead clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -62,11 +62,27 @@ PREFECT_API_URL ?= http://127.0.0.1:4200/api
 serve: venv
 	$(RUN) PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/python -m flows.serve
 
+# The deployment in prefect.yaml on a process work pool, and a worker that runs it from this checkout
+# (README, "Prefect workers"). Both need the Prefect server above.
+deploy: venv
+	$(RUN) PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/prefect work-pool inspect retrain-pool >/dev/null 2>&1 || \
+		$(RUN) PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/prefect work-pool create retrain-pool --type process
+	$(RUN) PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/prefect --no-prompt deploy --name worker-retrain
+worker: venv
+	$(RUN) PREFECT_API_URL=$(PREFECT_API_URL) PROJECT_DIR=$(CURDIR) $(BIN)/prefect worker start --pool retrain-pool --type process
+
 bench-overhead: venv
 	$(RUN) $(BIN)/python -m bench.pipeline_overhead
 
 mlflow-ui: venv
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --host 127.0.0.1 --port 5000
+
+# A tracking server on http://127.0.0.1:5000 (runs in mlflow-server/mlflow.db, artifacts uploaded through it
+# to mlflow-server/artifacts); then `export MLFLOW_TRACKING_URI=http://127.0.0.1:5000` (README, "Scaling").
+mlflow-server: venv
+	mkdir -p mlflow-server
+	$(BIN)/mlflow server --backend-store-uri sqlite:///$(abspath mlflow-server/mlflow.db) \
+		--artifacts-destination $(abspath mlflow-server/artifacts) --host 127.0.0.1 --port 5000 --workers 1
 
 clean:
 	rm -rf models data/splits data/tokenized metrics plots reports eval export .cache mlflow.db mlartifacts dvc.lock

@@ -76,7 +76,7 @@ from stages.core.config import Params, load_params
 from stages.core.io import read_json
 from stages.core.paths import Paths
 from stages.core.report import comparison_markdown, comparison_table, data_markdown
-from stages.core.tracking import client_for, log_metrics, shown_uri, start_pipeline_run, tracking_uri
+from stages.core.tracking import client_for, is_server, log_metrics, shown_uri, start_pipeline_run, tracking_uri
 
 STAGES = (
     "base_model",
@@ -179,12 +179,12 @@ def repro_stage(stage: str, project_dir: str, extra_env: dict[str, str]) -> None
 
 
 def mlflow_hint(uri: str, run_id: str, experiment_id: str) -> str:
-    """Where the run is and the command that opens it."""
-    ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"open {uri}"
-    return (
-        f"MLflow run `{run_id}` in `{uri}`: `{ui}`, then http://127.0.0.1:5000/#/experiments/{experiment_id}/"
-        f"runs/{run_id}"
-    )
+    """Where the run is and how to open it: a tracking server's page for the run, or for a store opened
+    directly (sqlite, postgresql, ...) the `mlflow ui` command and the page it serves."""
+    page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    if is_server(uri):
+        return f"MLflow run `{run_id}` on the tracking server: {uri.rstrip('/')}/{page}"
+    return f"MLflow run `{run_id}` in `{uri}`: `mlflow ui --backend-store-uri {uri}`, then http://127.0.0.1:5000/{page}"
 
 
 def promotion_lines(record: dict) -> str:

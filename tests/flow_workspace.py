@@ -20,6 +20,7 @@ COPIED = (
     "flows",
     "configs",
     "dvc.yaml",
+    "prefect.yaml",
     ".dvc/config",
     ".dvc/.gitignore",
     ".dvcignore",
@@ -47,27 +48,30 @@ def flow(root: Path, env: dict, check: bool = True) -> subprocess.CompletedProce
     return run([sys.executable, "-m", "flows.retrain", "--project-dir", str(root)], root, env, check)
 
 
-def workspace_env(root: Path, prefect_api: str) -> dict:
+def workspace_env(root: Path, prefect_api: str | None) -> dict:
     """The environment of the workspace's commands: this interpreter first on PATH, the Prefect server at
-    `prefect_api`, a git identity, and none of the MLflow/DVC variables a surrounding run may have set."""
+    `prefect_api` (none: unset), a git identity, and none of the MLflow/DVC/worker variables a surrounding
+    run may have set."""
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "PREFECT_HOME": str(root / ".prefect-home"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_API_URL": prefect_api,
         "TQDM_DISABLE": "1",
         "GIT_AUTHOR_NAME": "t",
         "GIT_AUTHOR_EMAIL": "t@t",
         "GIT_COMMITTER_NAME": "t",
         "GIT_COMMITTER_EMAIL": "t@t",
     }
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "DVC_EXP_NAME", "DVC_ROOT", "PIPELINE_STARTED_BY"):
+    cleared = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "DVC_EXP_NAME", "DVC_ROOT", "PIPELINE_STARTED_BY", "PROJECT_DIR")
+    for name in (*cleared, "PREFECT_API_URL"):
         env.pop(name, None)
+    if prefect_api:
+        env["PREFECT_API_URL"] = prefect_api
     return env
 
 
-def new_workspace(root: Path, tiny_model_dir: Path, prefect_api: str, overrides: dict | None = None) -> dict:
+def new_workspace(root: Path, tiny_model_dir: Path, prefect_api: str | None, overrides: dict | None = None) -> dict:
     """A git repository in `root` holding the project's code and DVC files, the tiny params (plus
     `overrides`), the tiny base model and a price CSV under `dvc add`, nothing committed; returns its env."""
     for name in COPIED:
@@ -97,7 +101,8 @@ def set_param(root: Path, section: str, key: str, value) -> None:
 
 
 def latest_report(env: dict) -> str:
-    """The newest `retrain-report` Markdown artifact, read back from the Prefect server's REST API."""
+    """The newest `retrain-report` Markdown artifact, read back from the REST API of the Prefect server in
+    `env`'s PREFECT_API_URL."""
     query = {"artifacts": {"key": {"any_": ["retrain-report"]}}, "sort": "CREATED_DESC", "limit": 1}
     request = urllib.request.Request(
         f"{env['PREFECT_API_URL']}/artifacts/filter",

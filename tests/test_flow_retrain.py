@@ -2,7 +2,7 @@
 
 import pytest
 
-from flows.retrain import StageFailed, is_transient, loggable, retry_when_transient, stage_exit_status
+from flows.retrain import StageFailed, is_transient, loggable, mlflow_hint, retry_when_transient, stage_exit_status
 
 DVC_FAILED = "ERROR: failed to reproduce 'train_qlora': failed to run: python -m stages.train_qlora, exited with {}"
 
@@ -49,3 +49,11 @@ def test_progress_frames_and_cursor_codes_stay_out_of_the_log():
     line = "step    50/150 | val loss 1.1254 | lr 7.89e-04"
     assert loggable(f"\x1b[A{line}") == line
     assert loggable("frame 1\rframe 2\r[train_qlora] done in 3.0s") == "[train_qlora] done in 3.0s"
+
+
+def test_the_mlflow_link_is_the_servers_page_or_the_ui_command_for_a_local_store():
+    served = mlflow_hint("https://mlflow.example/", "abc", "3")
+    assert served == "MLflow run `abc` on the tracking server: https://mlflow.example/#/experiments/3/runs/abc"
+    local = mlflow_hint("sqlite:////srv/p/mlflow.db", "abc", "3")
+    assert "`mlflow ui --backend-store-uri sqlite:////srv/p/mlflow.db`" in local
+    assert local.endswith("http://127.0.0.1:5000/#/experiments/3/runs/abc")

@@ -93,3 +93,13 @@ def test_a_password_in_the_tracking_uri_is_masked_where_it_is_shown():
 
     assert shown_uri("postgresql://ml:s3cret@db:5432/mlflow") == "postgresql://ml:***@db:5432/mlflow"
     assert shown_uri("sqlite:///x/mlflow.db") == "sqlite:///x/mlflow.db"
+
+
+def test_a_failing_live_stream_does_not_print_the_password(capsys, monkeypatch):
+    from stages.core.watch import MlflowStream
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail at once, not after minutes of retries
+    stream = MlflowStream("0123456789abcdef", "http://ml:s3cret@127.0.0.1:9/")  # nothing listens on port 9
+    stream.text(1, "sample")
+    printed = capsys.readouterr().out
+    assert "warning: MLflow logging" in printed and "http://ml:***@127.0.0.1:9/" in printed and "s3cret" not in printed

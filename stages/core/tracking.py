@@ -3,7 +3,8 @@
 `record_pipeline_run(paths, params, started_by)` reads what the stages wrote (metrics/*.json,
 plots/loss.csv, models/adapter/, reports/*.png, export/README.md) and dvc.lock, so a stage that DVC
 skipped still has its metrics recorded. The store is `tracking.tracking_uri`, else MLFLOW_TRACKING_URI,
-else sqlite:///<project>/mlflow.db; artifacts of a new experiment go to <project>/mlartifacts/.
+else sqlite:///<project>/mlflow.db; artifacts of a new experiment go to <project>/mlartifacts/, or, with a
+tracking server (MLFLOW_TRACKING_URI=http://...), wherever that server stores them (uploaded through it).
 MLflow is imported only inside these functions, so stages run without it.
 """
 
@@ -48,6 +49,12 @@ def shown_uri(uri: str) -> str:
     if parts.password is None:
         return uri
     return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
+
+
+def without_password(text: str, uri: str) -> str:
+    """`text` (an error message, say) with the password of `uri` replaced by ***."""
+    password = urlsplit(uri).password
+    return text.replace(password, "***") if password else text
 
 
 def numeric_leaves(data: dict, prefix: str = "") -> dict[str, float]:
@@ -131,10 +138,20 @@ def log_step_metrics(client, run_id: str, series: dict[str, list[tuple[int, floa
     log_in_batches(client, run_id, metrics)
 
 
+def is_server(uri: str) -> bool:
+    """Whether `uri` names a tracking server (http, https, databricks) rather than a store opened directly."""
+    return urlsplit(uri).scheme in ("http", "https", "databricks")
+
+
 def experiment_id(client, paths: Paths, name: str) -> str:
+    """The id of experiment `name`, created when missing. A tracking server chooses the artifact location
+    of a new experiment itself (proxied `mlflow-artifacts:/`, stored where `--artifacts-destination`
+    says); a store opened directly gets <project>/mlartifacts/ rather than a folder under the cwd."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
+    if is_server(client.tracking_uri):
+        return client.create_experiment(name)
     artifacts = store_root(paths) / paths.mlflow_artifacts.name
     return client.create_experiment(name, artifact_location=artifacts.as_uri())
 

@@ -27,6 +27,7 @@ from transformers import ProgressCallback, TrainerCallback
 
 from stages.core.cli import StageError
 from stages.core.prompts import IGNORE_INDEX
+from stages.core.tracking import shown_uri, without_password
 
 RUN_ID_VARIABLE = "MLFLOW_RUN_ID"  # set by whoever owns the MLflow run (the flow); the stage only logs to it
 
@@ -98,7 +99,9 @@ class MlflowStream:
             action(self.client)
         except Exception as exc:  # tracking must never stop training
             self.failed = True
-            print(f"warning: MLflow logging to run {self.run_id} at {self.uri} failed ({exc}); training goes on")
+            why = without_password(str(exc), self.uri)  # the URI, and so its password, is in MLflow's errors
+            where = shown_uri(self.uri)
+            print(f"warning: MLflow logging to run {self.run_id} at {where} failed ({why}); training goes on")
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
         def log(client):
