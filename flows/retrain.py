@@ -30,6 +30,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # read when 
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 import argparse
+import contextlib
 import re
 import subprocess
 import sys
@@ -354,6 +355,16 @@ def retrain(project_dir: str = str(PROJECT_ROOT)) -> dict:
         return retrain_changed(paths, params, summary, target)
 
 
+def heartbeats_off():
+    """Prefect settings for a flow run that DVC already said has nothing to do: no heartbeat thread. Its
+    heartbeats (every 180 s) tell the server a long run is alive; a run of a second has no use for them, and
+    joining the thread at the end costs up to 1 s (measured here: 1.3-1.7 s per flow run with it, 0.3-0.5 s
+    without)."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    return temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = command_line(argv)
     busy = busy_message(Paths.at(args.project_dir))  # fail fast, before Prefect starts a server
@@ -363,7 +374,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"retrain not started: {busy}", file=sys.stderr)
         return 1
     try:
-        retrain(project_dir=args.project_dir)
+        if STATUS_AHEAD is not None and STATUS_AHEAD.root == Path(args.project_dir).resolve():
+            quick = STATUS_AHEAD.says_up_to_date()
+        else:
+            quick = False
+        with heartbeats_off() if quick else contextlib.nullcontext():
+            retrain(project_dir=args.project_dir)
     except Exception as exc:  # the Prefect log above has the details; end with one clear line
         print(f"retrain failed: {exc}", file=sys.stderr)
         return 1

@@ -103,13 +103,28 @@ class StatusAhead:
         self.process = subprocess.Popen(
             command, cwd=self.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
+        self._answer: dict | DvcStatusFailed | None = None
 
     def changes(self) -> dict:
-        """{stage: [what changed]}, {} when up to date; DvcStatusFailed with DVC's message."""
-        out, err = self.process.communicate()
-        if self.process.returncode != 0:
-            raise DvcStatusFailed(f"`dvc status` failed in {self.root}: {(err or out).strip()[-2000:]}")
-        return json.loads(out or "{}")
+        """{stage: [what changed]}, {} when up to date; DvcStatusFailed with DVC's message. Waits for DVC the
+        first time; later calls give the same answer."""
+        if self._answer is None:
+            out, err = self.process.communicate()
+            if self.process.returncode != 0:
+                message = (err or out).strip()[-2000:]
+                self._answer = DvcStatusFailed(f"`dvc status` failed in {self.root}: {message}")
+            else:
+                self._answer = json.loads(out or "{}")
+        if isinstance(self._answer, DvcStatusFailed):
+            raise self._answer
+        return self._answer
+
+    def says_up_to_date(self) -> bool:
+        """True when DVC answered that nothing changed (False for changes and for a failed `dvc status`)."""
+        try:
+            return self.changes() == {}
+        except DvcStatusFailed:
+            return False
 
     def discard(self) -> None:
         if self.process.poll() is None:

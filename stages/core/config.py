@@ -109,7 +109,7 @@ class TrainConfig:
     sample_new_tokens: int = 8
     gradient_checkpointing: bool = False
     threads: int = 0
-    group_by_length: bool = True  # batch examples of similar length together: less padding
+    group_by_length: bool = False  # batch examples of similar length together: less padding, less random
     padding_free: bool = False  # concatenate each batch into one row without padding (position ids restart)
     launcher: str = "single"  # "single": this process; "accelerate": `accelerate launch` starts num_processes
     num_processes: int = 2  # processes accelerate starts: one per GPU, or CPU processes on gloo
