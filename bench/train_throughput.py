@@ -6,11 +6,14 @@ batch `train.batch_size` (4), no packing, TRL's defaults otherwise. The project 
 own model and Trainer (labelled-position logits, length-grouped batches padded to their longest example;
 padding-free rows when `train.padding_free`). Both take the same optimizer, schedule and learning rate from
 params, the same train split and the same number of optimizer steps, each in its own process (peak RSS is
-per process), alternating baseline, project, baseline, project...
+per process), alternating baseline, project, baseline, project... Round k runs both with seed
+`train.seed` + k - 1 (adapter initialisation, dropout, data order), so the validation losses compare the two
+over several seeds rather than one draw of the noise.
 
 Reported per trainer (median over rounds): useful (non-pad) tokens per second of training, training wall
 seconds, peak RSS, the share of computed tokens that were padding, the validation loss afterwards (mean per
-labelled token over data/tokenized/val, computed by the same function for both), and model-FLOPs
+labelled token over data/tokenized/val, computed by the same function for both; mean over seeds, and per
+seed), and model-FLOPs
 utilisation: useful tokens/s x FLOPs per token / this CPU's peak. FLOPs per token ~ 4 N + 12 L d T
 (stages/core/planner.py: N the weights of every linear layer and LoRA, L layers, d attention width, T the mean
 example length); the peak is cores x clock x 64 float32 FLOPs per cycle (two AVX-512 FMA units x 16 lanes x
@@ -60,13 +63,15 @@ class CountingCollator:
         return sum(c for c, _ in self.batches[:n]), sum(u for _, u in self.batches[:n])
 
 
-def bench_params(steps: int):
-    """params.yaml with `steps` optimizer steps and nothing but training: no evaluation, checkpoint or sample."""
+def bench_params(steps: int, seed_offset: int = 0):
+    """params.yaml with `steps` optimizer steps, `train.seed` + `seed_offset`, and nothing but training: no
+    evaluation, checkpoint or sample."""
     from stages.core.config import load_params
 
     params = load_params("params.yaml")
     train = dataclasses.replace(
         params.train,
+        seed=params.train.seed + seed_offset,
         max_steps=steps,
         eval_steps=10**6,
         save_steps=10**6,
@@ -211,14 +216,14 @@ def validation_loss(model, tokenizer, rows) -> float:
     return total / count
 
 
-def measure(trainer_name: str, steps: int) -> dict:
+def measure(trainer_name: str, steps: int, seed_offset: int = 0) -> dict:
     """Train with one trainer in this process and return its figures."""
     from datasets import load_from_disk
     from transformers import set_seed
 
     from stages.core.modeling import set_threads
 
-    params = bench_params(steps)
+    params = bench_params(steps, seed_offset)
     set_threads(params.train.threads)
     with tempfile.TemporaryDirectory(prefix="bench-train-") as folder:
         paths = scratch_project(Path(folder))
@@ -231,6 +236,7 @@ def measure(trainer_name: str, steps: int) -> dict:
     return {
         "trainer": trainer_name,
         "steps": steps,
+        "seed": params.train.seed,
         "train_seconds": round(seconds, 2),
         "useful_tokens": useful,
         "computed_tokens": computed,
@@ -274,11 +280,16 @@ def flops_per_token(mean_length: float) -> float:
     return plan(load_params("params.yaml"), Paths.at(".")).training_flops_per_token(round(mean_length))
 
 
-def run_child(trainer_name: str, steps: int) -> dict:
+def run_child(trainer_name: str, steps: int, seed_offset: int) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI")}
     env["TQDM_DISABLE"] = "1"
     done = subprocess.run(
-        [sys.executable, "-m", "bench.train_throughput", "--child", trainer_name, "--steps", str(steps)],
+        [
+            sys.executable,
+            "-m",
+            "bench.train_throughput",
+            *("--child", trainer_name, "--steps", str(steps), "--seed-offset", str(seed_offset)),
+        ],
         capture_output=True,
         text=True,
         check=False,
@@ -307,14 +318,17 @@ def summarise(runs: list[dict], cpu: dict) -> dict:
             "mfu": round(tokens_per_second * flops / (cpu["peak_gflops"] * 1e9), 4) if cpu["peak_gflops"] else None,
         }
     speedup = summary["project"]["useful_tokens_per_second"] / summary["baseline"]["useful_tokens_per_second"]
-    return {"trainers": summary, "speedup": round(speedup, 2)}
+    by_seed = {}
+    for r in runs:
+        by_seed.setdefault(str(r["seed"]), {})[r["trainer"]] = r["val_loss"]
+    return {"trainers": summary, "speedup": round(speedup, 2), "val_loss_by_seed": by_seed}
 
 
 def print_table(result: dict) -> None:
     cpu, rows = result["cpu"], result["summary"]["trainers"]
     print(
         f"\n{'trainer':<9} {'useful tok/s':>12} {'train s':>8} {'peak RSS MiB':>13} {'padding':>8} "
-        f"{'val loss':>9} {'MFU':>7}"
+        f"{'val loss':>9} {'MFU':>7}   (val loss: mean over seeds)"
     )
     for name, r in rows.items():
         mfu = f"{r['mfu']:.2%}" if r["mfu"] is not None else "n/a"
@@ -322,6 +336,11 @@ def print_table(result: dict) -> None:
             f"{name:<9} {r['useful_tokens_per_second']:>12.1f} {r['train_seconds']:>8.1f} {r['peak_rss_mb']:>13.1f} "
             f"{r['padding_fraction']:>8.1%} {r['val_loss']:>9.4f} {mfu:>7}"
         )
+    seeds = result["summary"]["val_loss_by_seed"].items()
+    print(
+        "val loss per seed (baseline, project): "
+        + "; ".join(f"{k}: {v.get('baseline')}, {v.get('project')}" for k, v in seeds)
+    )
     print(
         f"project / baseline useful tokens per second: {result['summary']['speedup']:.2f}x "
         f"({result['steps']} steps, {result['rounds']} alternating rounds, medians)"
@@ -339,17 +358,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run (default 40)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating baseline/project rounds (default 2)")
     parser.add_argument("--child", choices=TRAINERS, help=argparse.SUPPRESS)  # internal: one run
+    parser.add_argument("--seed-offset", type=int, default=0, help=argparse.SUPPRESS)  # internal: its seed
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(measure(args.child, args.steps)))
+        print(json.dumps(measure(args.child, args.steps, args.seed_offset)))
         return 0
     runs = []
     for round_number in range(1, args.rounds + 1):
         for name in TRAINERS:
-            runs.append(run_child(name, args.steps))
+            runs.append(run_child(name, args.steps, seed_offset=round_number - 1))
             r = runs[-1]
             print(
-                f"round {round_number} {name}: {r['useful_tokens_per_second']} useful tok/s, "
+                f"round {round_number} (seed {r['seed']}) {name}: {r['useful_tokens_per_second']} useful tok/s, "
                 f"{r['train_seconds']} s, val loss {r['val_loss']}",
                 flush=True,
             )
