@@ -4,8 +4,10 @@ Reads models/base/, data/tokenized/{train,val} and params `quantization`, `lora`
 The base is loaded in 4 bits with bitsandbytes (double quantization; float32 compute on CPU, bfloat16
 on CUDA), prepared for k-bit training, and wrapped with LoRA adapters on `lora.target_modules`. Training
 uses the Hugging Face Trainer with the optimizer, schedule, warmup, gradient accumulation and clipping
-from params. Every `train.eval_steps` it prints one line (validation and training loss, learning rate,
-gradient norm, tokens seen, tokens/s) and greedy completions of `train.sample_prompts` validation prompts,
+from params, on batches padded only to their longest example (or padding-free rows, `train.padding_free`)
+whose logits are computed only where a label is scored (stages/core/batching.py). Every `train.eval_steps`
+it prints one line (validation and training loss, learning rate, gradient norm, tokens seen, tokens/s)
+and greedy completions of `train.sample_prompts` validation prompts,
 and streams both to the MLflow run named by MLFLOW_RUN_ID when set. Early stopping on validation loss
 (`train.early_stopping_patience`) restores the best checkpoint at the end. A NaN or infinite loss stops
 training at that step. Checkpoints go every `train.save_steps` to .cache/train_qlora/ (not a DVC output)
