@@ -244,11 +244,14 @@ def test_dvc_exp_run_is_recorded_with_the_experiment_name(flow_project):
 
 def test_served_deployment_runs_on_demand_and_pauses_when_stopped(flow_project):
     root, env, _ = flow_project
+    # Output to a file, not a pipe: a process the served runs start may outlive `flows.serve` and hold a
+    # pipe open, which once made reading it time out although the server had stopped.
+    log = root.parent / "serve.log"
     serve = subprocess.Popen(
         [sys.executable, "-m", "flows.serve", "--project-dir", str(root), "--cron", "0 3 * * *"],
         cwd=root,
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=log.open("w"),
         stderr=subprocess.STDOUT,
         text=True,
     )
@@ -272,7 +275,8 @@ def test_served_deployment_runs_on_demand_and_pauses_when_stopped(flow_project):
             assert expected in latest_report(env)
     finally:
         serve.send_signal(signal.SIGINT)
-        output, _ = serve.communicate(timeout=60)
+        serve.wait(timeout=60)  # Ctrl-C stops serving within a minute
+    output = log.read_text()
     inspected = run([sys.executable, "-m", "prefect", "deployment", "inspect", "retrain/scheduled-retrain"], root, env)
     assert "'paused': True" in inspected.stdout, output[-3000:]
 
