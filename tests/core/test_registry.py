@@ -151,11 +151,11 @@ def test_a_champion_from_another_test_set_keeps_its_alias(store):
     assert champion_version(store[0]) == "1"
 
 
-def test_the_champion_loads_back_from_its_models_uri(store, tmp_path):
+def test_the_champion_loads_back_from_its_models_uri(store, tmp_path, monkeypatch):
     import mlflow
 
     register(store, b"weights", 300.0)
-    mlflow.set_tracking_uri(store[0].tracking_uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store[0].tracking_uri)  # as the README's recipe; no global left set
     folder = mlflow.artifacts.download_artifacts("models:/price-adapter@champion", dst_path=str(tmp_path / "back"))
     assert (tmp_path / "back" / "adapter_model.safetensors").read_bytes() == b"weights"
     assert folder.endswith("back")
