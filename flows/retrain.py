@@ -77,7 +77,15 @@ from stages.core.config import Params, load_params
 from stages.core.io import read_json
 from stages.core.paths import Paths
 from stages.core.report import comparison_markdown, comparison_table, data_markdown
-from stages.core.tracking import client_for, is_server, log_metrics, shown_uri, start_pipeline_run, tracking_uri
+from stages.core.tracking import (
+    client_for,
+    is_server,
+    log_metrics,
+    require_server,
+    shown_uri,
+    start_pipeline_run,
+    tracking_uri,
+)
 
 STAGES = (
     "base_model",
@@ -282,7 +290,9 @@ def run_stages(paths: Paths, params: Params, run_id: str) -> dict[str, float]:
 
 
 def retrain_changed(paths: Paths, params: Params, changes: str, target: tuple[str, str] | None) -> dict:
-    """Run the stages into one MLflow run, close it, push the outputs (flow.push) and publish the report."""
+    """Check the MLflow server (a down one stops the run before training), run the stages into one MLflow
+    run, close it, push the outputs (flow.push) and publish the report."""
+    require_server(tracking_uri(paths, params))
     client = client_for(paths, params)
     run_id = start_pipeline_run(paths, params, started_by="prefect", run_name=flow_run.get_name())
     client.set_tag(run_id, "prefect.flow_run_id", str(flow_run.get_id()))

@@ -289,7 +289,7 @@ def run(params: Params, paths: Paths) -> Result | str:
             print(f"note: {note}")
     set_threads(distributed.threads_per_process(cfg.threads))
     resume = distributed.on_main_then_share(
-        lambda: prepare_scratch(paths.train_scratch, fingerprint(params, paths.tokenized, paths.base_model))
+        lambda: prepare_scratch(paths.train_scratch, fingerprint(params, paths.tokenized, paths.base_model, paths.root))
     )
     set_seed(cfg.seed)
     tokenizer, model = prepare_model(params, paths)

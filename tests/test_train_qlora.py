@@ -246,6 +246,19 @@ def test_a_checkpoint_from_other_params_is_set_aside(pipeline_project, tmp_path,
     assert (aside / "checkpoint-6").is_dir() and not (scratch / "checkpoint-6").exists()
 
 
+def test_the_accelerate_config_files_contents_are_part_of_the_fingerprint(pipeline_project, tmp_path):
+    from stages.core.checkpoints import fingerprint
+
+    paths, params, _ = pipeline_project
+    (tmp_path / "ddp.yaml").write_text("distributed_type: MULTI_GPU\nnum_processes: 2\n")
+    launched = with_train(params, launcher="accelerate", accelerate_config="ddp.yaml")
+    before = fingerprint(launched, paths.tokenized, paths.base_model, tmp_path)
+    (tmp_path / "ddp.yaml").write_text("distributed_type: MULTI_GPU\nnum_processes: 2\nmixed_precision: bf16\n")
+    after = fingerprint(launched, paths.tokenized, paths.base_model, tmp_path)
+    assert after["accelerate_config"] != before["accelerate_config"] and after["params"] == before["params"]
+    assert "accelerate_config" not in fingerprint(params, paths.tokenized, paths.base_model, tmp_path)
+
+
 def run_stage_process(root, log_name: str, **kwargs):
     """`python -m stages.train_qlora` in `root` as a child process, output to `root/<log_name>`."""
     import os

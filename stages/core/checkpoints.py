@@ -3,9 +3,9 @@
 The Trainer writes `checkpoint-<step>/` folders into the scratch folder (.cache/train_qlora/, not a DVC
 output). `fingerprint.json` beside them holds a hash of the settings that change the weights (the
 `quantization`, `lora` and `train` params, except those that only change what is shown), of the tokenized
-data and of the base model. `prepare_scratch` returns the newest complete checkpoint when the fingerprint
-matches; a folder from other params, data or base is renamed aside (never resumed, never deleted).
-Used by `python -m stages.train_qlora`.
+data, of the base model and of the accelerate config file. `prepare_scratch` returns the newest complete
+checkpoint when the fingerprint matches; a folder from other params, data or base is renamed aside (never
+resumed, never deleted). Used by `python -m stages.train_qlora`.
 """
 
 from __future__ import annotations
@@ -50,19 +50,24 @@ def base_identity(base: Path) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(params: Params, tokenized: Path, base: Path) -> dict:
-    """The settings and inputs a checkpoint was trained from, each hashed (sha256, hex)."""
+def fingerprint(params: Params, tokenized: Path, base: Path, root: Path | None = None) -> dict:
+    """The settings and inputs a checkpoint was trained from, each hashed (sha256, hex); with the project
+    `root`, also the contents of the `train.accelerate_config` file (its processes, precision, sharding)."""
     train = {k: v for k, v in dataclasses.asdict(params.train).items() if k not in WATCH_ONLY_KEYS}
     settings = {
         "quantization": dataclasses.asdict(params.quantization),
         "lora": dataclasses.asdict(params.lora),
         "train": train,
     }
-    return {
+    hashed = {
         "params": hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest(),
         "tokenized_data": data_digest(tokenized),
         "base_model": base_identity(base),
     }
+    accelerate_file = root / params.train.accelerate_config if root and params.train.accelerate_config else None
+    if accelerate_file is not None and accelerate_file.is_file():
+        hashed["accelerate_config"] = file_sha256(accelerate_file)
+    return hashed
 
 
 def complete_checkpoints(scratch: Path) -> list[Path]:

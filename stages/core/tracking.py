@@ -143,6 +143,43 @@ def is_server(uri: str) -> bool:
     return urlsplit(uri).scheme in ("http", "https", "databricks")
 
 
+# A tracking server that is down: MLflow's HTTP client retries 7 times with exponential backoff by default,
+# ~4.5 minutes before one call fails. A live stream or a pre-flight check should know within seconds.
+QUICK_HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+
+class TrackingUnreachable(RuntimeError):
+    """The tracking server in the configured URI does not answer."""
+
+
+def require_server(uri: str, attempts: int = 3, timeout: float = 5.0) -> None:
+    """Check that the MLflow tracking server at `uri` answers `GET <uri>/health`, `attempts` times at most,
+    one second apart; TrackingUnreachable (password masked) when it never does. Stores opened directly
+    (sqlite, files) and databricks URIs pass unchecked. Used by the retrain flow before any training."""
+    import urllib.error
+    import urllib.request
+
+    if urlsplit(uri).scheme not in ("http", "https"):
+        return
+    why = ""
+    for attempt in range(attempts):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+                if response.status == 200:
+                    return
+                why = f"HTTP {response.status} from /health"
+        except urllib.error.HTTPError as exc:
+            why = f"HTTP {exc.code} from /health"
+        except OSError as exc:  # refused, unknown host, timeout
+            why = str(getattr(exc, "reason", exc))
+        if attempt + 1 < attempts:
+            time.sleep(1)
+    raise TrackingUnreachable(
+        f"MLflow tracking server {shown_uri(uri)} does not answer ({without_password(why, uri)}): start it "
+        "(`make mlflow-server`), or set tracking.tracking_uri or MLFLOW_TRACKING_URI to one that runs"
+    )
+
+
 def experiment_id(client, paths: Paths, name: str) -> str:
     """The id of experiment `name`, created when missing. A tracking server chooses the artifact location
     of a new experiment itself (proxied `mlflow-artifacts:/`, stored where `--artifacts-destination`

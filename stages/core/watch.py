@@ -27,7 +27,7 @@ from transformers import ProgressCallback, TrainerCallback
 
 from stages.core.cli import StageError
 from stages.core.prompts import IGNORE_INDEX
-from stages.core.tracking import shown_uri, without_password
+from stages.core.tracking import QUICK_HTTP_SETTINGS, is_server, shown_uri, without_password
 
 RUN_ID_VARIABLE = "MLFLOW_RUN_ID"  # set by whoever owns the MLflow run (the flow); the stage only logs to it
 
@@ -82,6 +82,9 @@ class MlflowStream:
 
     def __init__(self, run_id: str, uri: str):
         self.run_id, self.uri, self.client, self.failed = run_id, uri, None, False
+        if is_server(uri):  # a server that went down costs seconds of training, not MLflow's ~4.5 min of retries
+            for variable, value in QUICK_HTTP_SETTINGS.items():
+                os.environ.setdefault(variable, value)
 
     @classmethod
     def from_environment(cls, uri: str) -> MlflowStream | None:
