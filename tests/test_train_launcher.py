@@ -131,3 +131,34 @@ def test_no_relaunch_for_single_a_flag_or_a_launched_process(tmp_path, monkeypat
     assert launcher.relaunch("train_qlora", []) == 1
     assert "[train_qlora] error: train.accelerate_config:" in capsys.readouterr().err
     assert launcher.exit_code(-9) == 137 and launcher.exit_code(3) == 3
+
+
+RANK_SCRIPT = """
+import os, signal, sys, time
+if os.environ["RANK"] == "1":
+    {action}
+time.sleep(2)
+"""
+
+
+@pytest.mark.parametrize(
+    ("action", "expected", "said"),
+    [
+        ("os.kill(os.getpid(), signal.SIGKILL)", 75, "was killed by signal 9, which may pass: exiting 75"),
+        ("sys.exit(75)", 75, "exited 75 (an OS error), which may pass: exiting 75"),
+        ("sys.exit(2)", 1, None),  # bad input or params: failing again would fail the same way
+    ],
+)
+def test_a_rank_that_dies_makes_the_stage_transient_only_when_a_retry_may_pass(tmp_path, capfd, action, expected, said):
+    (tmp_path / "rank_ends.py").write_text(RANK_SCRIPT.format(action=action))
+    command = launcher.launch_command(TrainConfig(launcher="accelerate", num_processes=2), "rank_ends", None)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    assert launcher.run_launcher(command, env) == expected
+    err = capfd.readouterr().err
+    assert "Root Cause (first observed failure)" in err  # torchrun's summary still reaches the log
+    assert (said in err) if said else ("which may pass" not in err)
+
+
+def test_no_failure_summary_means_no_root_cause():
+    assert launcher.root_cause_exit("Traceback ...\nValueError: bad row\n") is None
+    assert launcher.root_cause_exit("Root Cause (first observed failure):\n[0]:\n  exitcode  : -9 (pid: 1)") == -9

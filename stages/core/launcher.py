@@ -3,7 +3,8 @@
 `train.launcher: accelerate` makes the unchanged stage command `python -m stages.train_qlora` (what
 `dvc repro` and the retrain flow run) start itself again through `accelerate launch` with
 `train.num_processes` processes and, when set, the accelerate config file `train.accelerate_config`; it
-waits and returns the launcher's exit code. Inside a started process (torchrun sets LOCAL_RANK) it trains:
+waits and returns the launcher's exit code, or TRANSIENT_EXIT (75) when a rank was killed by a signal or
+exited 75, so the retrain flow retries the stage. Inside a started process (torchrun sets LOCAL_RANK) it trains:
 the Trainer shards the batches across processes, and rank 0 alone writes (stages/core/distributed.py).
 
 Which flags start several processes (accelerate 1.15, read in accelerate/commands/launch.py):
@@ -18,13 +19,15 @@ Which flags start several processes (accelerate 1.15, read in accelerate/command
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+from collections import deque
 from pathlib import Path
 
 import yaml
 
-from stages.core.cli import StageError
+from stages.core.cli import TRANSIENT_EXIT, StageError
 from stages.core.config import ConfigError, TrainConfig, load_params
 from stages.core.paths import Paths
 
@@ -76,9 +79,39 @@ def launch_command(cfg: TrainConfig, module: str, config: Path | None) -> list[s
     return [sys.executable, "-m", LAUNCH_MODULE, *flags, "--num_processes", str(cfg.num_processes), "-m", module]
 
 
+# torchrun's failure summary: "Root Cause (first observed failure):", then the rank's "exitcode  : -9 (pid: ..)".
+_ROOT_CAUSE = re.compile(r"Root Cause.*?exitcode\s*:\s*(-?\d+)", re.DOTALL)
+
+
 def exit_code(returncode: int) -> int:
     """A child's return code as a shell would report it (a signal N becomes 128 + N)."""
     return 128 - returncode if returncode < 0 else returncode
+
+
+def root_cause_exit(stderr: str) -> int | None:
+    """The exit code of the rank that failed first, from torchrun's failure summary in `stderr` (negative:
+    killed by that signal); None when there is no summary."""
+    found = _ROOT_CAUSE.findall(stderr)
+    return int(found[-1]) if found else None
+
+
+def run_launcher(command: list[str], env: dict[str, str]) -> int:
+    """Run `command` (`accelerate launch ...`), its stderr passed through as it comes, and return its exit
+    code; TRANSIENT_EXIT when the rank that failed first was killed by a signal or itself exited with
+    TRANSIENT_EXIT (torchrun reports either as exit 1), so the retrain flow retries the stage as it would a
+    single process."""
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, errors="replace")
+    tail: deque[str] = deque(maxlen=400)
+    for line in process.stderr:
+        sys.stderr.write(line)
+        tail.append(line)
+    returncode = process.wait()
+    cause = root_cause_exit("".join(tail)) if returncode != 0 else None
+    if cause is not None and (cause < 0 or cause == TRANSIENT_EXIT):
+        how = f"was killed by signal {-cause}" if cause < 0 else f"exited {TRANSIENT_EXIT} (an OS error)"
+        print(f"a training process {how}, which may pass: exiting {TRANSIENT_EXIT} (retried)", file=sys.stderr)
+        return TRANSIENT_EXIT
+    return exit_code(returncode)
 
 
 def relaunch(name: str, argv: list[str] | None = None) -> int | None:
@@ -103,4 +136,4 @@ def relaunch(name: str, argv: list[str] | None = None) -> int | None:
         return 1
     print(f"[{name}] train.launcher=accelerate: {' '.join(command[1:])}", flush=True)
     env = {**os.environ, LAUNCHED_VARIABLE: "accelerate"}
-    return exit_code(subprocess.run(command, env=env, check=False).returncode)
+    return run_launcher(command, env)
