@@ -2,22 +2,24 @@
 
 The baseline is written the way the course does it: TRL's SFTTrainer on the same base loaded in 4-bit NF4,
 the same LoRA (params `lora`, passed as `peft_config`), every sequence padded to `prompt.max_length` (182),
-batch `train.batch_size` (4), no packing, TRL's defaults otherwise. The project side is stages/train_qlora's
-own model and Trainer (labelled-position logits, length-grouped batches padded to their longest example;
-padding-free rows when `train.padding_free`). Both take the same optimizer, schedule and learning rate from
-params, the same train split and the same number of optimizer steps, each in its own process (peak RSS is
-per process), alternating baseline, project, baseline, project... Round k runs both with seed
-`train.seed` + k - 1 (adapter initialisation, dropout, data order), so the validation losses compare the two
-over several seeds rather than one draw of the noise.
+batch `train.batch_size` (4), no packing, TRL's defaults otherwise (which keep a quantized model's adapter
+in bfloat16). The project side is stages/train_qlora's own model and Trainer (labelled-position logits,
+batches padded to their longest example; length-grouped with `train.group_by_length`, padding-free rows
+with `train.padding_free`). Both take the same optimizer, schedule and learning rate from params, the same
+train split and the same number of optimizer steps, each in its own process (peak RSS is per process),
+alternating baseline, project, baseline, project... Round k runs both with seed `train.seed` + k - 1, so
+the validation losses compare the two over several seeds rather than one draw of the noise. Within a round
+both tokenize the rows identically (checked: the same input ids and labels for all 600), see the same data
+order and start from the same adapter weights (`same_starting_adapter`); their dropout masks differ, since
+the baseline draws them for 182 positions per row.
 
 Reported per trainer (median over rounds): useful (non-pad) tokens per second of training, training wall
 seconds, peak RSS, the share of computed tokens that were padding, the validation loss afterwards (mean per
 labelled token over data/tokenized/val, computed by the same function for both; mean over seeds, and per
-seed), and model-FLOPs
-utilisation: useful tokens/s x FLOPs per token / this CPU's peak. FLOPs per token ~ 4 N + 12 L d T
-(stages/core/planner.py: N the weights of every linear layer and LoRA, L layers, d attention width, T the mean
-example length); the peak is cores x clock x 64 float32 FLOPs per cycle (two AVX-512 FMA units x 16 lanes x
-2), printed with the float32 matmul rate measured here for scale.
+seed), and model-FLOPs utilisation: useful tokens/s x FLOPs per token / this CPU's peak. FLOPs per token
+~ 4 N + 12 L d T (stages/core/planner.py: N the weights of every linear layer and LoRA, L layers, d
+attention width, T the mean example length); the peak is cores x clock x 64 float32 FLOPs per cycle (two
+AVX-512 FMA units x 16 lanes x 2), printed with the float32 matmul rate measured here for scale.
 Needs a finished pipeline (`make demo`): models/base, data/splits and data/tokenized.
 Writes bench/results/train_throughput.json.
 
@@ -182,9 +184,33 @@ def train_baseline(params, paths):
     return trainer.model, tokenizer, *timed_training(trainer)
 
 
+def same_starting_adapter(model, seed: int) -> None:
+    """Draw every LoRA A matrix again, in name order, from one generator seeded with `seed`, as PEFT's
+    default initialisation does (Kaiming uniform, a = sqrt(5)); B stays zero. The two trainers build their
+    adapters after different amounts of random drawing, so without this they would start from different
+    weights and one seed would compare two draws of the initialisation as well as two trainers. Drawn in
+    float32 and stored in each weight's own dtype: TRL keeps a quantized model's adapter in bfloat16
+    (after the QLoRA paper), so the baseline starts from the bfloat16 rounding of the project's weights."""
+    import math
+
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, weight in sorted(model.named_parameters()):
+            if ".lora_A." in name:
+                drawn = torch.empty(weight.shape, dtype=torch.float32)  # the same draw whatever the dtype
+                torch.nn.init.kaiming_uniform_(drawn, a=math.sqrt(5), generator=generator)
+                weight.copy_(drawn)
+            elif ".lora_B." in name:
+                weight.zero_()
+
+
 def timed_training(trainer) -> tuple[CountingCollator, float]:
-    """Train, counting tokens; the seconds cover training only (transformers 5 would otherwise evaluate
-    after the last step of a steps-based schedule: pushed out of reach here)."""
+    """Start from the same adapter weights for a seed (`same_starting_adapter`), then train, counting
+    tokens; the seconds cover training only (transformers 5 would otherwise evaluate after the last step
+    of a steps-based schedule: pushed out of reach here)."""
+    same_starting_adapter(trainer.model, trainer.args.seed)
     counter = CountingCollator(trainer.data_collator)
     trainer.data_collator = counter
     trainer.args.eval_delay = 10**9

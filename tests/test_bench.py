@@ -47,3 +47,30 @@ def test_the_project_computes_almost_no_padding_and_scores_the_same_validation_s
     for run in (project, baseline):
         assert run["steps"] == 2 and run["useful_tokens"] > 0 and run["train_seconds"] > 0
         assert math.isfinite(run["val_loss"]) and run["peak_rss_mb"] > 0
+
+
+def test_both_trainers_start_from_the_same_adapter_whatever_its_dtype(tiny_model_dir):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from bench.train_throughput import same_starting_adapter
+
+    def adapted(seed: int):
+        torch.manual_seed(seed)  # a different initialisation for each model
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        return get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+
+    project, baseline = adapted(1), adapted(2)
+    for weight in baseline.parameters():
+        if weight.requires_grad:
+            weight.data = weight.data.to(torch.bfloat16)  # as TRL keeps a quantized model's adapter
+    same_starting_adapter(project, 42)
+    same_starting_adapter(baseline, 42)
+    lora = {name: weight for name, weight in baseline.named_parameters() if ".lora_" in name}
+    assert len(lora) == 8
+    for name, weight in project.named_parameters():
+        if ".lora_A." in name:
+            assert torch.equal(weight.to(torch.bfloat16), lora[name]) and weight.abs().sum() > 0
+        elif ".lora_B." in name:
+            assert not weight.any() and not lora[name].any()
