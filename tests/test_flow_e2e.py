@@ -1,7 +1,8 @@
 """End to end, in a temporary git repository against a real Prefect server on loopback: the flow drives
 every DVC stage and records the run in MLflow; a second run is "up to date" in seconds; a params change
 retrains and applies the promotion gate; a second flow on the busy workspace stops; new data retrains;
-`dvc repro` and `dvc exp run` alone are recorded too; `flows.serve` serves a deployment that runs.
+`dvc repro` and `dvc exp run` alone are recorded too; `flows.serve` serves a deployment that runs; a
+tracking server that is down stops the flow before any stage.
 The workspace is conftest's `flow_project` (shared with test_dvc_remote.py, which runs first): its flow runs
 push to a local DVC remote."""
 
@@ -327,3 +328,16 @@ def test_a_stage_is_retried_only_when_its_failure_may_pass(tmp_path, prefect_api
 def stage_env(env: dict) -> dict:
     """`python` in dvc.yaml commands is this interpreter."""
     return {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"}
+
+
+def test_a_tracking_server_that_is_down_stops_the_run_before_any_stage(tmp_path, tiny_model_dir, prefect_api):
+    from tests.flow_workspace import new_workspace
+
+    env = new_workspace(tmp_path, tiny_model_dir, prefect_api)
+    env["MLFLOW_TRACKING_URI"] = "http://ml:s3cret@127.0.0.1:9"  # nothing listens on port 9
+    done = flow(tmp_path, env, check=False)
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output[-3000:]
+    assert "retrain failed: MLflow tracking server http://ml:***@127.0.0.1:9 does not answer" in done.stderr
+    assert "s3cret" not in output
+    assert not (tmp_path / "dvc.lock").exists() and not (tmp_path / "models" / "adapter").exists()  # no stage ran
