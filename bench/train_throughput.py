@@ -21,9 +21,9 @@ seed), and model-FLOPs utilisation: useful tokens/s x FLOPs per token / this CPU
 attention width, T the mean example length); the peak is cores x clock x 64 float32 FLOPs per cycle (two
 AVX-512 FMA units x 16 lanes x 2), printed with the float32 matmul rate measured here for scale.
 Needs a finished pipeline (`make demo`): models/base, data/splits and data/tokenized.
-Writes bench/results/train_throughput.json.
+Writes bench/results/train_throughput.json (train_throughput_seed<first seed>.json with --seed-offset).
 
-Run: `python -m bench.train_throughput [--steps 40] [--rounds 2] [--first-seed-offset 0]` (or `make bench-train`).
+Run: `python -m bench.train_throughput [--steps 40] [--rounds 3] [--seed-offset 0]` (or `make bench-train`).
 """
 
 from __future__ import annotations
@@ -382,16 +382,15 @@ def print_table(result: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run (default 40)")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating baseline/project rounds (default 2)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating baseline/project rounds (default 3)")
     parser.add_argument(
-        "--first-seed-offset",
+        "--seed-offset",
         type=int,
         default=0,
-        help="round k runs seed train.seed + this + k - 1 (default 0); more seeds without repeating earlier "
+        help="round k runs seed train.seed + this + k - 1 (default 0): more seeds without repeating earlier "
         "ones, written to train_throughput_seed<first seed>.json",
     )
-    parser.add_argument("--child", choices=TRAINERS, help=argparse.SUPPRESS)  # internal: one run
-    parser.add_argument("--seed-offset", type=int, default=0, help=argparse.SUPPRESS)  # internal: its seed
+    parser.add_argument("--child", choices=TRAINERS, help=argparse.SUPPRESS)  # internal: one run, seed + offset
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(measure(args.child, args.steps, args.seed_offset)))
@@ -399,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for round_number in range(1, args.rounds + 1):
         for name in TRAINERS:
-            runs.append(run_child(name, args.steps, seed_offset=args.first_seed_offset + round_number - 1))
+            runs.append(run_child(name, args.steps, seed_offset=args.seed_offset + round_number - 1))
             r = runs[-1]
             print(
                 f"round {round_number} (seed {r['seed']}) {name}: {r['useful_tokens_per_second']} useful tok/s, "
@@ -411,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu = cpu_peak_flops()
     result = {"steps": args.steps, "rounds": args.rounds, "cpu": cpu, "runs": runs, "summary": summarise(runs, cpu)}
     print_table(result)
-    written = RESULTS.with_stem(f"{RESULTS.stem}_seed{runs[0]['seed']}") if args.first_seed_offset else RESULTS
+    written = RESULTS.with_stem(f"{RESULTS.stem}_seed{runs[0]['seed']}") if args.seed_offset else RESULTS
     write_json(written, result)
     print(f"written to {written}")
     return 0

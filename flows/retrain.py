@@ -384,10 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"retrain not started: {busy}", file=sys.stderr)
         return 1
     try:
-        if STATUS_AHEAD is not None and STATUS_AHEAD.root == Path(args.project_dir).resolve():
-            quick = STATUS_AHEAD.says_up_to_date()
-        else:
-            quick = False
+        ahead = STATUS_AHEAD
+        quick = ahead is not None and ahead.root == Path(args.project_dir).resolve() and ahead.says_up_to_date()
         with heartbeats_off() if quick else contextlib.nullcontext():
             retrain(project_dir=args.project_dir)
     except Exception as exc:  # the Prefect log above has the details; end with one clear line
