@@ -1,5 +1,6 @@
 # `make demo`: set up .venv and run the whole pipeline (Prefect flow -> DVC stages -> MLflow run).
-# `make test`: set up .venv and run lint, format check and the test suite.
+# `make test`: set up .venv and run lint, format check and the whole test suite (what CI runs).
+# `make test-fast`: lint and the unit tests only (no servers, flow runs, multi-process or benchmarks).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(abspath $(VENV)/bin)
@@ -7,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 # Stage commands in dvc.yaml call `python`: make it this environment's.
 RUN := env PATH="$(BIN):$$PATH" PREFECT_SERVER_ANALYTICS_ENABLED=false
 
-.PHONY: venv demo test lint format repro plan prefect-server serve deploy worker mlflow-ui mlflow-server bench bench-train bench-eval bench-memory bench-overhead clean
+.PHONY: venv demo test test-fast test-random lint format repro plan prefect-server serve deploy worker mlflow-ui mlflow-server bench bench-train bench-eval bench-memory bench-overhead clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,10 +21,18 @@ $(STAMP): requirements.txt requirements-dev.txt
 venv: $(STAMP)
 
 demo: venv
-	$(RUN) $(BIN)/python -m flows.retrain
+	$(RUN) $(BIN)/python -m flows
 
 test: venv lint
 	$(RUN) $(BIN)/python -m pytest
+
+test-fast: venv lint
+	$(RUN) $(BIN)/python -m pytest -m "not slow"
+
+# The whole suite in a shuffled order (every test passes alone and in any order); SEED=N repeats an order.
+SEED ?= $(shell date +%s)
+test-random: venv
+	$(RUN) $(BIN)/python -m pytest --random-order-bucket=global --random-order-seed=$(SEED)
 
 lint: venv
 	$(BIN)/ruff check .
@@ -36,7 +45,7 @@ format: venv
 repro: venv
 	$(RUN) $(BIN)/dvc repro
 
-# The four benchmarks of README "Performance", after `make demo` (about 20 minutes here); each prints a
+# The four benchmarks of docs/performance.md, after `make demo` (its page says how long each takes); each prints a
 # table and writes bench/results/<name>.json.
 bench: bench-train bench-eval bench-overhead bench-memory
 
@@ -63,7 +72,7 @@ serve: venv
 	$(RUN) PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/python -m flows.serve
 
 # The deployment in prefect.yaml on a process work pool, and a worker that runs it from this checkout
-# (README, "Prefect workers"). Both need the Prefect server above.
+# (docs/operations.md, "Prefect workers"). Both need the Prefect server above.
 deploy: venv
 	$(RUN) PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/prefect work-pool inspect retrain-pool >/dev/null 2>&1 || \
 		$(RUN) PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/prefect work-pool create retrain-pool --type process
@@ -78,7 +87,7 @@ mlflow-ui: venv
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --host 127.0.0.1 --port 5000
 
 # A tracking server on http://127.0.0.1:5000 (runs in mlflow-server/mlflow.db, artifacts uploaded through it
-# to mlflow-server/artifacts); then `export MLFLOW_TRACKING_URI=http://127.0.0.1:5000` (README, "Scaling").
+# to mlflow-server/artifacts); then `export MLFLOW_TRACKING_URI=http://127.0.0.1:5000` (docs/operations.md).
 mlflow-server: venv
 	mkdir -p mlflow-server
 	$(BIN)/mlflow server --backend-store-uri sqlite:///$(abspath mlflow-server/mlflow.db) \

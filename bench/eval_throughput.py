@@ -17,12 +17,11 @@ import json
 import time
 from pathlib import Path
 
-from stages.core.config import load_params
-from stages.core.generation import build_prompts, generate
-from stages.core.io import read_jsonl, write_json
-from stages.core.modeling import load_adapter_model, load_tokenizer, set_threads
-from stages.core.paths import Paths
-from stages.core.prompts import parse_price
+from stages.common.config import load_params
+from stages.common.generation import build_prompts, generate, parse_price
+from stages.common.io import read_jsonl, write_json
+from stages.common.modeling import load_adapter_model, load_tokenizer, set_threads
+from stages.common.paths import Paths
 
 RESULTS = Path(__file__).resolve().parent / "results" / "eval_throughput.json"
 

@@ -37,18 +37,18 @@ def current_rss_mb() -> float:
 
 def measure(mode: str, steps: int) -> dict:
     """Train `steps` steps in this process with a 4-bit (qlora) or full-precision (lora) base, through the
-    stage's own batches and loss (stages/core/batching.py)."""
+    stage's own batches and loss (stages/training/batching.py)."""
     import bitsandbytes  # noqa: F401  (imported before the baseline reading, as every library below)
     import peft  # noqa: F401
     import torch
     import transformers  # noqa: F401
     from datasets import load_from_disk
 
-    from stages.core.batching import labelled_loss, training_collator
-    from stages.core.config import load_params
-    from stages.core.modeling import load_base, load_tokenizer, set_threads
-    from stages.core.paths import Paths
+    from stages.common.config import load_params
+    from stages.common.modeling import load_base, load_tokenizer, set_threads
+    from stages.common.paths import Paths
     from stages.train_qlora import attach_lora
+    from stages.training.batching import labelled_loss, training_collator
 
     imports_rss = current_rss_mb()  # Python, torch, transformers, peft, bitsandbytes: the same in both modes
     paths = Paths.at(".")
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode, r in results.items():
         print(f"{mode:<6} " + " ".join(f"{r[c]:>13.2f}" for c in columns))
     print(f"QLoRA / LoRA peak RSS: {ratio:.2f}; peak above the imports (what loading and training add): {above:.2f}")
-    from stages.core.io import write_json
+    from stages.common.io import write_json
 
     write_json(
         RESULTS,

@@ -21,9 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from flows.local_server import prefect_server
-from stages.core.io import write_json
-from stages.core.paths import Paths
+from stages.common.io import write_json
+from stages.common.paths import Paths
+from tests.local_servers import prefect_server
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pipeline_overhead.json"
 

@@ -17,7 +17,7 @@ Reported per trainer (median over rounds): useful (non-pad) tokens per second of
 seconds, peak RSS, the share of computed tokens that were padding, the validation loss afterwards (mean per
 labelled token over data/tokenized/val, computed by the same function for both; mean over seeds, and per
 seed), and model-FLOPs utilisation: useful tokens/s x FLOPs per token / this CPU's peak. FLOPs per token
-~ 4 N + 12 L d T (stages/core/planner.py: N the weights of every linear layer and LoRA, L layers, d
+~ 4 N + 12 L d T (stages/training/planner.py: N the weights of every linear layer and LoRA, L layers, d
 attention width, T the mean example length); the peak is cores x clock x 64 float32 FLOPs per cycle (two
 AVX-512 FMA units x 16 lanes x 2), printed with the float32 matmul rate measured here for scale.
 Needs a finished pipeline (`make demo`): models/base, data/splits and data/tokenized.
@@ -68,7 +68,7 @@ class CountingCollator:
 def bench_params(steps: int, seed_offset: int = 0):
     """params.yaml with `steps` optimizer steps, `train.seed` + `seed_offset`, and nothing but training: no
     evaluation, checkpoint or sample."""
-    from stages.core.config import load_params
+    from stages.common.config import load_params
 
     params = load_params("params.yaml")
     train = dataclasses.replace(
@@ -86,7 +86,7 @@ def bench_params(steps: int, seed_offset: int = 0):
 def scratch_project(folder: Path):
     """Paths of a throwaway project in `folder` reading this project's base and tokenized data, so the
     benchmark's checkpoints never touch .cache/train_qlora."""
-    from stages.core.paths import Paths
+    from stages.common.paths import Paths
 
     here, there = Paths.at("."), Paths.at(folder)
     for source, link in ((here.base_model, there.base_model), (here.tokenized, there.tokenized)):
@@ -111,8 +111,9 @@ def train_project(params, paths):
 
 def course_pairs(rows: list[dict], prompt) -> list[dict]:
     """Prompt/completion pairs for TRL from split rows (price rows through the templates)."""
-    from stages.core.prompts import render_completion, render_prompt
-    from stages.core.shapes import PAIR, PRICE, split_shape
+    from stages.common.config import PAIR, PRICE
+    from stages.common.prompts import render_completion, render_prompt
+    from stages.common.rows import split_shape
 
     shape = split_shape(rows, "data/splits/train.jsonl")
     if shape == PRICE:
@@ -131,14 +132,13 @@ def course_pairs(rows: list[dict], prompt) -> list[dict]:
 def train_baseline(params, paths):
     """(model, tokenizer, counter, seconds): TRL's SFTTrainer as the course sets it up, trained `max_steps`."""
     from datasets import Dataset
-    from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from stages.core.io import read_jsonl
-    from stages.core.modeling import device, load_base, load_tokenizer
-    from stages.train_qlora import choose_optimizer, choose_schedule
+    from stages.common.io import read_jsonl
+    from stages.common.modeling import device, load_base, load_tokenizer
+    from stages.train_qlora import choose_optimizer, choose_schedule, peft_lora_config
 
-    cfg, lora = params.train, params.lora
+    cfg = params.train
     scheduler, warmup, _ = choose_schedule(cfg)
     tokenizer = load_tokenizer(paths.base_model)
     args = SFTConfig(
@@ -172,14 +172,7 @@ def train_baseline(params, paths):
         args=args,
         train_dataset=Dataset.from_list(course_pairs(read_jsonl(Path("data/splits/train.jsonl")), params.prompt)),
         processing_class=tokenizer,
-        peft_config=LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=list(lora.target_modules),
-            bias="none",
-            task_type="CAUSAL_LM",
-        ),
+        peft_config=peft_lora_config(params.lora),
     )
     return trainer.model, tokenizer, *timed_training(trainer)
 
@@ -225,7 +218,7 @@ def validation_loss(model, tokenizer, rows) -> float:
     import torch.nn.functional as F
     from transformers import DataCollatorForSeq2Seq
 
-    from stages.core.prompts import IGNORE_INDEX
+    from stages.common.labels import IGNORE_INDEX
 
     collate = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX)
     model.eval()
@@ -247,7 +240,7 @@ def measure(trainer_name: str, steps: int, seed_offset: int = 0) -> dict:
     from datasets import load_from_disk
     from transformers import set_seed
 
-    from stages.core.modeling import set_threads
+    from stages.common.modeling import set_threads
 
     params = bench_params(steps, seed_offset)
     set_threads(params.train.threads)
@@ -299,9 +292,9 @@ def cpu_peak_flops() -> dict:
 
 
 def flops_per_token(mean_length: float) -> float:
-    from stages.core.config import load_params
-    from stages.core.paths import Paths
-    from stages.core.planner import plan
+    from stages.common.config import load_params
+    from stages.common.paths import Paths
+    from stages.training.planner import plan
 
     return plan(load_params("params.yaml"), Paths.at(".")).training_flops_per_token(round(mean_length))
 
@@ -405,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['train_seconds']} s, val loss {r['val_loss']}",
                 flush=True,
             )
-    from stages.core.io import write_json
+    from stages.common.io import write_json
 
     cpu = cpu_peak_flops()
     result = {"steps": args.steps, "rounds": args.rounds, "cpu": cpu, "runs": runs, "summary": summarise(runs, cpu)}

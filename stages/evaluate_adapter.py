@@ -1,9 +1,8 @@
 """Stage `evaluate_adapter`: score the adapter on the test set against baselines, as the data's shape asks.
 
-Reads models/base/, models/adapter/, data/splits/{train,test}.jsonl and params `prompt`,
-`quantization` and `evaluate`. The base is loaded in 4 bits with the adapter on top, and the same test
-items also go through the base with the adapter switched off (zero-shot). Generation is greedy, in
-batches (left padding).
+Uses params `prompt`, `quantization` and `evaluate`. The base is loaded in 4 bits with the adapter on top,
+and the same test items also go through the base with the adapter switched off (zero-shot). Generation is
+greedy, in batches (left padding).
 Price rows (text + price): the first number of each output is parsed, and a constant prediction of the
 mean training price is scored too. Generation of a batch stops once every row has a complete number.
 Outputs without a number are counted as `unparsed` and scored as $0, never dropped. With
@@ -14,7 +13,8 @@ Prompt/completion and chat rows: the loss per completion (assistant) token on th
 perplexity, and the share of greedy outputs equal to the reference completion (exact match), for the
 adapter and the zero-shot base; metrics/eval.json says `"shape"` and holds `loss`, `perplexity`,
 `exact_match` under `adapter` and `base_zero_shot`; the chart plots each item's loss, base against adapter.
-Writes metrics/eval.json, eval/predictions.jsonl, plots/predictions.csv and reports/scatter.png.
+It writes the metrics, one prediction row per test item, and the chart with its plot data. Inputs and
+outputs: `SPEC` below.
 
 Run: `python -m stages.evaluate_adapter` (or `dvc repro evaluate_adapter`).
 """
@@ -26,17 +26,34 @@ import sys
 import time
 from dataclasses import dataclass
 
-from stages.core.charts import loss_scatter, price_scatter
-from stages.core.cli import StageError, run_stage
-from stages.core.config import Params
-from stages.core.generation import build_prompts, completion_losses, generate, single_token_share, topk_estimates
-from stages.core.io import read_jsonl, write_csv, write_json, write_jsonl
-from stages.core.metrics import GREEN, ORANGE, band, price_metrics, text_metrics
-from stages.core.modeling import load_adapter_model, load_tokenizer, set_threads
-from stages.core.paths import Paths
-from stages.core.prompts import parse_price
-from stages.core.report import comparison_table
-from stages.core.shapes import CHAT, PRICE, encode_row, generation_prompt, reference, require_chat_template, split_shape
+from stages.common.cli import run_stage
+from stages.common.config import CHAT, PRICE, Params
+from stages.common.errors import StageError
+from stages.common.generation import (
+    build_prompts,
+    completion_losses,
+    generate,
+    parse_price,
+    single_token_share,
+    topk_estimates,
+)
+from stages.common.io import read_jsonl, write_csv, write_json, write_jsonl
+from stages.common.metrics import GREEN, ORANGE, band, price_metrics, text_metrics
+from stages.common.modeling import load_adapter_model, load_tokenizer, set_threads
+from stages.common.paths import Paths
+from stages.common.report import comparison_table
+from stages.common.rows import reference, split_shape
+from stages.common.shapes import encode_row, generation_prompt, require_chat_template
+from stages.common.spec import StageSpec
+from stages.evaluation.charts import loss_scatter, price_scatter
+
+SPEC = StageSpec(
+    "evaluate_adapter",
+    params=("prompt", "quantization", "evaluate"),
+    reads=(Paths.base_model, Paths.adapter, Paths.train_split, Paths.test_split),
+    writes=(Paths.predictions, Paths.predictions_plot, Paths.scatter_chart),
+    metrics=(Paths.eval_metrics,),
+)
 
 
 @dataclass(frozen=True)
@@ -246,7 +263,7 @@ def run(params: Params, paths: Paths) -> Result:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage("evaluate_adapter", run, argv)
+    return run_stage(SPEC, run, argv)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,13 @@
 """Stage `export_hub`: package the adapter for the Hugging Face Hub, and push it only when asked.
 
-Reads models/adapter/, models/base/ (its source.json gives the base's Hub id), eval/predictions.jsonl,
-metrics/{eval,data,train}.json, reports/*.png and params `base_model`, `data.source`, `prompt`,
-`quantization`, `lora`, `train`, `evaluate` and `export`.
-Writes export/: the adapter (adapter_config.json names the base by its Hub id, not a local path), the
-tokenizer, the charts, a model card (README.md with Hub metadata, how to load it, the metrics table, data
+Writes one folder: the adapter (adapter_config.json names the base by its Hub id, from the base's
+source.json, not a local path), the tokenizer, the charts, a model card (README.md named after
+`export.repo_id`, or else the registered model, with Hub metadata, how to load it, the metrics table, data
 hashes and hyperparameters) and, with `export.merge`, the adapter merged into the unquantized base in
-export/merged/ after checking it against the unmerged model on a few test items. With `export.push: true`
+merged/ after checking it against the unmerged model on a few test items. With `export.push: true`
 and HF_TOKEN in the environment the folder is uploaded to `export.repo_id` (private by default, or as a
 pull request); the token is read from the environment only and is never written anywhere.
+Inputs, outputs and params: `SPEC` below.
 
 Run: `python -m stages.export_hub` (or `dvc repro export_hub`).
 """
@@ -22,17 +21,29 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.core.cli import StageError, run_stage
-from stages.core.config import Params
-from stages.core.generation import build_prompts, generate
-from stages.core.io import atomic_path, read_json, read_jsonl
-from stages.core.modeling import compute_dtype, device, load_adapter_model, load_tokenizer
-from stages.core.paths import Paths
-from stages.core.prompts import parse_price
-from stages.core.report import comparison_markdown, is_text
-from stages.core.shapes import CHAT, PRICE
+from stages.common.cli import run_stage
+from stages.common.config import CHAT, PRICE, Params
+from stages.common.errors import StageError
+from stages.common.generation import build_prompts, generate, parse_price
+from stages.common.io import atomic_path, read_json, read_jsonl
+from stages.common.modeling import compute_dtype, device, load_adapter_model, load_tokenizer
+from stages.common.paths import Paths
+from stages.common.report import comparison_markdown, is_text
+from stages.common.spec import StageSpec
 
-CHARTS = ("scatter.png", "loss_curve.png")
+CHARTS = (Paths.scatter_chart, Paths.loss_chart)
+SPEC = StageSpec(
+    "export_hub",
+    params=(
+        "base_model", "data.source", "prompt", "quantization", "lora", "train", "evaluate", "export",
+        "tracking.registered_model",
+    ),
+    reads=(
+        Paths.base_model, Paths.adapter, Paths.predictions, Paths.eval_metrics, Paths.data_metrics,
+        Paths.train_metrics, *CHARTS,
+    ),
+    writes=(Paths.export,),
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -84,9 +95,6 @@ def merge_check_inputs(tokenizer, params: Params, evaluated: list[dict], shape: 
     return [row["prompt"] for row in evaluated], [row["adapter_output"] for row in evaluated], str, options
 
 
-MERGE_TARGETS = ("dequantized", "unquantized")
-
-
 def base_for_merging(paths: Paths, params: Params, quantized_adapter_model):
     """The base to merge into, unquantized in the compute dtype (float32 on CPU, bfloat16 on CUDA).
 
@@ -98,8 +106,6 @@ def base_for_merging(paths: Paths, params: Params, quantized_adapter_model):
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM
 
-    if params.export.merge_into not in MERGE_TARGETS:
-        raise StageError(f"export.merge_into: expected one of {MERGE_TARGETS}, got {params.export.merge_into!r}")
     dtype = compute_dtype(params.quantization.compute_dtype)
     base = AutoModelForCausalLM.from_pretrained(paths.base_model, dtype=dtype, device_map={"": device()})
     if params.export.merge_into == "dequantized":
@@ -251,7 +257,8 @@ def model_card(
     match for prompt/completion and chat data.
     """
     lora, train, repo_id = params.lora, params.train, params.export.repo_id
-    name = repo_id or "path/to/export"
+    name = repo_id or params.tracking.registered_model
+    load_from = repo_id or "export"  # without a Hub repo: the exported folder in the project
     text = is_text(evaluation)
     title, purpose = TASK_TEXT[evaluation.get("shape", "price")]
     prompt_block = "" if text else f"\n```\n{params.prompt.template}\n```\n"
@@ -270,10 +277,10 @@ LoRA adapter trained on `{hub_id}` loaded in 4-bit NF4 (QLoRA) {purpose}
 from peft import AutoPeftModelForCausalLM
 from transformers import AutoTokenizer
 
-model = AutoPeftModelForCausalLM.from_pretrained("{name}")
-tokenizer = AutoTokenizer.from_pretrained("{name}")
+model = AutoPeftModelForCausalLM.from_pretrained("{load_from}")
+tokenizer = AutoTokenizer.from_pretrained("{load_from}")
 ```
-{merged_section(name, merge_check)}
+{merged_section(load_from, merge_check)}
 ## Evaluation on the held-out test set ({evaluation["adapter"]["n"]} items)
 
 {comparison_markdown(evaluation)}
@@ -387,9 +394,9 @@ def run(params: Params, paths: Paths) -> Result:
     with atomic_path(paths.export) as tmp:
         copy_adapter(paths.adapter, tmp, hub_id)
         for chart in CHARTS:
-            source = paths.root / "reports" / chart
+            source = chart.at(paths)
             if source.is_file():
-                shutil.copy2(source, tmp / chart)
+                shutil.copy2(source, tmp / source.name)
         shape = evaluation.get("shape", PRICE)
         merge_check = export_merged(paths, params, tmp / "merged", shape) if params.export.merge else None
         if merge_check:
@@ -407,7 +414,7 @@ def run(params: Params, paths: Paths) -> Result:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage("export_hub", run, argv)
+    return run_stage(SPEC, run, argv)
 
 
 if __name__ == "__main__":

@@ -4,11 +4,13 @@ Runs last, whenever any output it reads changed, so every execution that did som
 whether it was started by the Prefect flow, `dvc repro` or `dvc exp run`:
 - the run: the flow's (its id in $MLFLOW_RUN_ID, where train_qlora streamed the loss curve live), or a new
   one tagged `started_by` = "dvc repro" / "dvc exp run" and `dvc.exp_name` = $DVC_EXP_NAME;
-- params, metrics/*.json, the loss curve, the adapter, charts, model card, dvc.lock, and lineage tags;
+- params, the stages' metrics, the loss curve, the adapter, charts, predictions, model card, dvc.lock, and
+  lineage tags (stages/tracking/runs.py);
 - a registry version of `tracking.registered_model` for a new adapter (identical adapter bytes reuse
-  their version), which takes `champion` or `challenger` by the rule in stages/core/registry.py.
-Reads everything the other stages wrote and params `tracking`. Writes reports/mlflow_run.json: run id,
-store, version, alias, the reason, and the previous champion's metrics for the report.
+  their version), which takes `champion` or `challenger` by the rule in stages/tracking/registry.py.
+It reads what the other stages wrote and every params section but `flow` (all of them are recorded), and
+writes the run record: run id, store, version, alias, the reason, and the previous champion's metrics for
+the report. Inputs and outputs: `SPEC` below.
 
 Run: `python -m stages.record_run` (or `dvc repro record_run`).
 """
@@ -18,18 +20,19 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from stages.core.cli import StageError, run_stage
-from stages.core.config import Params
-from stages.core.io import read_json, write_json
-from stages.core.paths import Paths
-from stages.core.registry import register_adapter
-from stages.core.tracking import (
-    champion_metrics,
-    client_for,
-    record_pipeline_run,
-    shown_uri,
-    test_set_hash,
-    tracking_uri,
+from stages.common.cli import run_stage
+from stages.common.config import Params
+from stages.common.errors import StageError
+from stages.common.io import read_json, write_json
+from stages.common.paths import Paths
+from stages.common.spec import StageSpec
+from stages.tracking.registry import register_adapter
+from stages.tracking.runs import CHARTS, METRIC_FILES, RECORDED, champion_metrics, record_pipeline_run, test_set_hash
+from stages.tracking.store import client_for, shown_uri, tracking_uri
+
+RECORDED_PARAMS = ("base_model", "data", "prompt", "quantization", "lora", "train", "evaluate", "export", "tracking")
+SPEC = StageSpec(
+    "record_run", params=RECORDED_PARAMS, reads=(*METRIC_FILES, *CHARTS, *RECORDED), writes=(Paths.run_record,)
 )
 
 
@@ -84,7 +87,7 @@ def run(params: Params, paths: Paths) -> Result:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage("record_run", run, argv)
+    return run_stage(SPEC, run, argv)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Stage `split_data`: read raw data, check and clean every row, deduplicate, and split train/val/test.
 
-Reads params `data`. The source (stages/core/sources.py) is `embedded:diamonds` (the diamonds table
+The source (params `data`, read by stages/data/sources.py) is `embedded:diamonds` (the diamonds table
 shipped with plotnine, rendered into product descriptions), a local .csv/.tsv/.jsonl/.json/.parquet file
 (put it under data/raw/ so DVC tracks it), or a Hub dataset id (or a local folder in Hub layout) read
 with `datasets.load_dataset` (config `hub_config`, split `hub_split`, revision `revision`).
@@ -15,9 +15,9 @@ the price shape. Duplicates (same text after lower-casing and collapsing spaces)
 so no text is in two splits. The shuffle is seeded and the test set is taken first, so changing n_train
 or n_val never changes the test set; new rows can, unless `data.test_split` pins it (a kept copy of an
 earlier test.jsonl, used as the test split as is).
-Writes data/splits/{train,val,test}.jsonl (one row per line, in its shape's fields) and metrics/data.json
-(source, shape, rows in, kept and dropped per reason with examples, and the size, sha256 and price
-statistics of each split).
+It writes the three splits as JSONL (one row per line, in its shape's fields) and the data metrics (source,
+shape, rows in, kept and dropped per reason with examples, and the size, sha256 and price statistics of each
+split). Inputs and outputs: `SPEC` below.
 
 Run: `python -m stages.split_data` (or `dvc repro split_data`).
 """
@@ -31,14 +31,19 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 
-from stages.core.cli import StageError, run_stage
-from stages.core.config import DataConfig, Params
-from stages.core.curation import balanced, cap_words, scrub
-from stages.core.io import atomic_path, read_jsonl, write_json
-from stages.core.paths import Paths
-from stages.core.shapes import CHAT, PAIR, PRICE, ROLES, SHAPES, row_key, split_shape
-from stages.core.sources import Record, columns_of, read_records
+from stages.common.cli import run_stage
+from stages.common.config import CHAT, PAIR, PRICE, DataConfig, Params
+from stages.common.errors import StageError
+from stages.common.io import atomic_path, read_jsonl, write_json
+from stages.common.paths import Paths
+from stages.common.rows import ROLES, row_key, split_shape
+from stages.common.spec import StageSpec
+from stages.data.curation import balanced, cap_words, scrub
+from stages.data.sources import Record, columns_of, read_records
 
+SPEC = StageSpec(
+    "split_data", params=("data",), reads=(Paths.raw_dir,), writes=(Paths.splits,), metrics=(Paths.data_metrics,)
+)
 SPLITS = ("train", "val", "test")
 EXAMPLES_PER_REASON = 3  # dropped rows named in the warning and in metrics/data.json, per reason
 REASONS = {
@@ -288,8 +293,6 @@ def run(params: Params, paths: Paths) -> Result:
     Every check runs before the first write, so a failure leaves the previous outputs untouched.
     """
     cfg = params.data
-    if cfg.shape not in SHAPES:
-        raise StageError(f"data.shape: expected one of {SHAPES}, got {cfg.shape!r}")
     label, records = read_records(cfg, paths.root)
     check_columns(cfg, label, records)
     rows, dropped, examples = clean(records, cfg)
@@ -315,7 +318,7 @@ def run(params: Params, paths: Paths) -> Result:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage("split_data", run, argv)
+    return run_stage(SPEC, run, argv)
 
 
 if __name__ == "__main__":

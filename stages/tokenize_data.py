@@ -1,14 +1,14 @@
 """Stage `tokenize_data`: turn the train and validation splits into token ids with completion-only labels.
 
-Reads data/splits/{train,val}.jsonl, the tokenizer in models/base/, and params `prompt` (template,
-completion, max_length, add_eos). The rows' fields give the shape (stages/core/shapes.py): a price row
+Uses the base model's tokenizer and params `prompt` (template, completion, max_length, add_eos). The rows'
+fields give the shape (stages/common/shapes.py): a price row
 becomes the prompt (the template with the description) followed by the completion (the price, e.g.
 "99.00", then EOS); a prompt/completion row is used verbatim (completion then EOS); a chat row is rendered
 with the base model's chat template. Prompt tokens (all but the assistant turns, for chat) are labelled
 -100 so the loss covers the completion only. Examples too long for max_length are cut and counted.
 Stops with an error naming the split file and line when an example keeps no label token.
-Writes data/tokenized/{train,val} (Hugging Face datasets, arrow), metrics/tokens.json,
-plots/token_lengths.csv and reports/token_lengths.png.
+It writes both splits as a Hugging Face DatasetDict (arrow), the length metrics, and the length histogram as
+plot data and as a chart. Inputs and outputs: `SPEC` below.
 
 Run: `python -m stages.tokenize_data` (or `dvc repro tokenize_data`).
 """
@@ -18,15 +18,25 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from stages.core.charts import token_histogram
-from stages.core.cli import StageError, run_stage
-from stages.core.config import Params, PromptConfig
-from stages.core.io import atomic_path, read_jsonl, write_csv, write_json
-from stages.core.modeling import load_tokenizer
-from stages.core.paths import Paths
-from stages.core.prompts import IGNORE_INDEX
-from stages.core.shapes import CHAT, TARGET_FIELD, encode_row, require_chat_template, split_shape
+from stages.common.charts import token_histogram
+from stages.common.cli import run_stage
+from stages.common.config import CHAT, Params, PromptConfig
+from stages.common.errors import StageError
+from stages.common.io import atomic_path, read_jsonl, write_csv, write_json
+from stages.common.labels import IGNORE_INDEX
+from stages.common.modeling import load_tokenizer
+from stages.common.paths import Paths
+from stages.common.rows import TARGET_FIELD, split_shape
+from stages.common.shapes import encode_row, require_chat_template
+from stages.common.spec import StageSpec
 
+SPEC = StageSpec(
+    "tokenize_data",
+    params=("prompt",),
+    reads=(Paths.base_model, Paths.train_split, Paths.val_split),
+    writes=(Paths.tokenized, Paths.token_lengths_plot, Paths.token_histogram),
+    metrics=(Paths.token_metrics,),
+)
 TOKENIZED_SPLITS = ("train", "val")
 HISTOGRAM_BIN = 8  # tokens per bar of the DVC length plot
 
@@ -108,7 +118,7 @@ def run(params: Params, paths: Paths) -> Result:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage("tokenize_data", run, argv)
+    return run_stage(SPEC, run, argv)
 
 
 if __name__ == "__main__":

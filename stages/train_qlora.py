@@ -1,21 +1,20 @@
 """Stage `train_qlora`: fine-tune LoRA adapters on the base model loaded in 4-bit NF4 (QLoRA), watchably.
 
-Reads models/base/, data/tokenized/{train,val} and params `quantization`, `lora` and `train`.
 The base is loaded in 4 bits with bitsandbytes (double quantization; float32 compute on CPU, bfloat16
 on CUDA), prepared for k-bit training, and wrapped with LoRA adapters on `lora.target_modules`. Training
 uses the Hugging Face Trainer with the optimizer, schedule, warmup, gradient accumulation and clipping
 from params, on batches padded only to their longest example (or padding-free rows, `train.padding_free`)
-whose logits are computed only where a label is scored (stages/core/batching.py). Every `train.eval_steps`
+whose logits are computed only where a label is scored (stages/training/batching.py). Every `train.eval_steps`
 it prints one line (validation and training loss, learning rate, gradient norm, tokens seen, tokens/s)
-and greedy completions of `train.sample_prompts` validation prompts,
-and streams both to the MLflow run named by MLFLOW_RUN_ID when set. Early stopping on validation loss
+and greedy completions of `train.sample_prompts` validation prompts, and streams both to the MLflow run the
+flow names in MLFLOW_RUN_ID and MLFLOW_TRACKING_URI, when set. Early stopping on validation loss
 (`train.early_stopping_patience`) restores the best checkpoint at the end. A NaN or infinite loss stops
-training at that step. Checkpoints go every `train.save_steps` to .cache/train_qlora/ (not a DVC output)
+training at that step. Checkpoints go every `train.save_steps` to a scratch folder (not a DVC output)
 with a fingerprint of params, data and base: rerunning after a crash or a kill resumes from the last one;
 a checkpoint from other params or data is set aside. Seeds are set before the adapter is created, so a
 run is repeatable.
-Writes models/adapter/ (adapter_model.safetensors, adapter_config.json, tokenizer), metrics/train.json,
-plots/loss.csv, reports/loss_curve.png and reports/train_samples.jsonl, only once training completes.
+It writes the adapter (with the tokenizer), the training metrics, the loss curve as plot data and as a
+chart, and the samples, only once training completes. Inputs and outputs: `SPEC` below.
 
 Run: `python -m stages.train_qlora` (or `dvc repro train_qlora`);
 `python -m stages.train_qlora --plan` prints parameters, memory and FLOPs from the config alone.
@@ -30,21 +29,28 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.core import distributed
-from stages.core.charts import loss_curve
-from stages.core.checkpoints import fingerprint, prepare_scratch
-from stages.core.cli import StageError, run_stage
-from stages.core.config import ConfigError, LoraConfig, Params, QuantizationConfig, TrainConfig
-from stages.core.io import atomic_path, write_csv, write_json, write_text
-from stages.core.launcher import relaunch
-from stages.core.modeling import device, load_base, load_tokenizer, set_threads
-from stages.core.paths import Paths
+from stages.common.charts import loss_curve
+from stages.common.cli import run_stage
+from stages.common.config import LoraConfig, Params, QuantizationConfig, TrainConfig
+from stages.common.errors import StageError
+from stages.common.io import atomic_path, write_csv, write_json, write_text
+from stages.common.modeling import device, load_base, load_tokenizer, set_threads
+from stages.common.paths import Paths
+from stages.common.spec import StageSpec
+from stages.training import distributed
+from stages.training.checkpoints import fingerprint, prepare_scratch
+from stages.training.launcher import relaunch
 
-OPTIMIZERS = ("auto", "adamw_torch", "adamw_bnb_8bit", "paged_adamw_32bit", "paged_adamw_8bit")
+SPEC = StageSpec(
+    "train_qlora",
+    params=("quantization", "lora", "train"),
+    reads=(Paths.accelerate_configs, Paths.base_model, Paths.tokenized),
+    writes=(Paths.adapter, Paths.loss_plot, Paths.loss_chart, Paths.train_samples),
+    metrics=(Paths.train_metrics,),
+)
 # Paged optimizers page their state to CPU memory through CUDA unified memory; on a CPU the same
 # algorithm without paging runs instead.
 UNPAGED = {"paged_adamw_32bit": "adamw_torch", "paged_adamw_8bit": "adamw_bnb_8bit"}
-SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 KEEP_CHECKPOINTS = 2  # the newest two (plus the best one when early stopping is on)
 
 
@@ -58,34 +64,6 @@ class Result:
     tokens_per_second: float
     stopped_early: bool
     resumed_from_step: int
-
-
-def validate(cfg: TrainConfig) -> None:
-    """Raise ConfigError naming the first `train.*` value that cannot work."""
-    checks = [
-        ("optimizer", cfg.optimizer in OPTIMIZERS, f"one of {list(OPTIMIZERS)}"),
-        ("lr_scheduler", cfg.lr_scheduler in SCHEDULERS, f"one of {list(SCHEDULERS)}"),
-        ("learning_rate", cfg.learning_rate > 0, "a positive number"),
-        ("batch_size", cfg.batch_size >= 1, "at least 1"),
-        ("grad_accum", cfg.grad_accum >= 1, "at least 1"),
-        ("warmup_ratio", 0 <= cfg.warmup_ratio < 1, "a fraction in [0, 1)"),
-        ("warmup_steps", cfg.warmup_steps >= 0, "0 (use warmup_ratio) or more"),
-        ("eval_steps", cfg.eval_steps >= 1, "at least 1"),
-        ("logging_steps", cfg.logging_steps >= 1, "at least 1"),
-        ("save_steps", cfg.save_steps >= 1, "at least 1"),
-        ("early_stopping_patience", cfg.early_stopping_patience >= 0, "0 (off) or more"),
-        ("sample_prompts", cfg.sample_prompts >= 0, "0 (none) or more"),
-        ("sample_new_tokens", cfg.sample_new_tokens >= 1, "at least 1"),
-        (
-            "save_steps",
-            cfg.early_stopping_patience == 0 or cfg.save_steps % cfg.eval_steps == 0,
-            f"a multiple of eval_steps ({cfg.eval_steps}) when early stopping is on, so the best "
-            "checkpoint is saved at an evaluation",
-        ),
-    ]
-    for key, ok, expected in checks:
-        if not ok:
-            raise ConfigError(f"train.{key}: expected {expected}, got {getattr(cfg, key)!r}")
 
 
 def choose_optimizer(name: str) -> tuple[str, str | None]:
@@ -130,13 +108,12 @@ def dtype_note(cfg: QuantizationConfig) -> str | None:
     return None
 
 
-def attach_lora(model, cfg: LoraConfig, gradient_checkpointing: bool):
-    """Prepare a 4-bit model for training and wrap it with LoRA adapters; print what is trainable."""
+def peft_lora_config(cfg: LoraConfig):
+    """PEFT's LoraConfig for params `lora` (no bias terms, causal LM): built here only, so the benchmark's
+    TRL baseline (bench/train_throughput.py) trains exactly the adapter this stage trains."""
     from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model, prepare_model_for_kbit_training
 
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    lora = PeftLoraConfig(
+    return PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
@@ -144,8 +121,15 @@ def attach_lora(model, cfg: LoraConfig, gradient_checkpointing: bool):
         bias="none",
         task_type="CAUSAL_LM",
     )
+
+
+def attach_lora(model, cfg: LoraConfig, gradient_checkpointing: bool):
+    """Prepare a 4-bit model for training and wrap it with LoRA adapters; print what is trainable."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     try:
-        return get_peft_model(model, lora)
+        return get_peft_model(model, peft_lora_config(cfg))
     except ValueError as exc:
         raise StageError(f"lora.target_modules={cfg.target_modules}: {exc}") from exc
 
@@ -235,16 +219,15 @@ def build_trainer(params: Params, paths: Paths, model, tokenizer, data, optimize
     """The Trainer with the watching callbacks (lines, samples, MLflow), the NaN guard and early stopping."""
     from transformers import EarlyStoppingCallback, ProgressCallback, Trainer
 
-    from stages.core.batching import labelled_loss, training_collator
-    from stages.core.tracking import tracking_uri
-    from stages.core.watch import FiniteLossGuard, MlflowStream, QuietProgress, WatchCallback, validation_samples
+    from stages.training.batching import labelled_loss, training_collator
+    from stages.training.watch import FiniteLossGuard, MlflowStream, QuietProgress, WatchCallback, validation_samples
 
     cfg = params.train
     scheduler, warmup, note = choose_schedule(cfg)
     if note:
         print(note)
     samples = validation_samples(tokenizer, data["val"], cfg.sample_prompts)
-    stream = MlflowStream.from_environment(tracking_uri(paths, params))
+    stream = MlflowStream.from_environment()
     watch = WatchCallback(tokenizer, samples, cfg.sample_new_tokens, paths.train_scratch / "samples.jsonl", stream)
     callbacks = [FiniteLossGuard(), watch]
     if cfg.early_stopping_patience > 0:
@@ -282,7 +265,6 @@ def run(params: Params, paths: Paths) -> Result | str:
     from transformers import set_seed
 
     cfg = params.train
-    validate(cfg)
     optimizer, optimizer_note = choose_optimizer(cfg.optimizer)
     for note in (optimizer_note, dtype_note(params.quantization)):
         if note:
@@ -364,7 +346,7 @@ def write_outputs(
 
 def print_plan(params: Params, paths: Paths) -> str:
     """`--plan`: print parameters, adapter size, base memory and FLOPs per token from the config alone."""
-    from stages.core.planner import plan, plan_text
+    from stages.training.planner import plan, plan_text
 
     report = plan(params, paths)
     print(plan_text(report))
@@ -376,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     launched = relaunch("train_qlora", argv)
     if launched is not None:
         return launched
-    return run_stage("train_qlora", run, argv, actions={"--plan": print_plan})
+    return run_stage(SPEC, run, argv, actions={"--plan": print_plan})
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import yaml
@@ -18,6 +20,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# A test that needs one of these runs servers, the flow, several processes or a benchmark: `slow`, left out of
+# `make test-fast` (a test can also be marked by hand, as the embedded GGUF conversion is).
+SLOW_FIXTURES = {"prefect_api", "flow_project", "workspace_copy", "two_process_run", "bench_runs", "servers"}
 
 # Small enough to run every stage in seconds; shaped like the real defaults.
 TINY_PARAMS = {
@@ -35,6 +40,12 @@ TINY_PARAMS = {
     },
     "evaluate": {"batch_size": 8, "max_new_tokens": 6},
 }
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
 
 
 def price_rows(n: int, seed: int = 0) -> list[dict]:
@@ -122,26 +133,68 @@ def project(tmp_path, tiny_model_dir, monkeypatch) -> Path:
     return tmp_path
 
 
+def run_as_declared(stage, params, paths, params_read: dict[str, set[str]]):
+    """Run stage module `stage` as `dvc repro` does (handed only the params its SPEC declares) and note in
+    `params_read[name]` the declared sections and `section.key`s it read."""
+    import dataclasses
+
+    from stages.common.config import Params, Undeclared
+
+    class NotingParams(Params):
+        def __getattribute__(self, name):
+            value = object.__getattribute__(self, name)
+            if name in Params.__dataclass_fields__ and not isinstance(value, Undeclared):
+                params_read.setdefault(stage.SPEC.name, set()).add(name)
+            return value
+
+    view = params.only(stage.SPEC.params, stage.SPEC.name)
+    noting = NotingParams(**{f.name: getattr(view, f.name) for f in dataclasses.fields(view)})
+    result = stage.run(noting, paths)
+    for section in dataclasses.fields(view):
+        value = getattr(view, section.name)
+        if isinstance(value, Undeclared):
+            params_read.setdefault(stage.SPEC.name, set()).update(f"{section.name}.{k}" for k in value._read)
+    return result
+
+
 @pytest.fixture(scope="session")
-def pipeline_project(tmp_path_factory, tiny_model_dir):
-    """A tiny project run through base_model, split_data, tokenize_data, train_qlora and evaluate_adapter."""
-    from stages import base_model, evaluate_adapter, split_data, tokenize_data, train_qlora
-    from stages.core.config import load_params
-    from stages.core.paths import Paths
+def stage_params_read() -> dict[str, set[str]]:
+    """{stage: the params sections and keys it read} for the stages `pipeline_project` ran (test_record_run.py
+    adds record_run)."""
+    return {}
+
+
+@pytest.fixture(scope="session")
+def pipeline_project(tmp_path_factory, tiny_model_dir, stage_params_read):
+    """A tiny project run through every stage but record_run, each handed only the params it declares."""
+    from stages import base_model, evaluate_adapter, export_hub, split_data, tokenize_data, train_qlora
+    from stages.common.config import load_params
+    from stages.common.paths import Paths
 
     root = write_project(tmp_path_factory.mktemp("pipeline"), tiny_model_dir)
     paths = Paths.at(root)
     params = load_params(paths.params)
     results = {}
-    for module in (base_model, split_data, tokenize_data, train_qlora, evaluate_adapter):
-        results[module.__name__.rsplit(".", 1)[-1]] = module.run(params, paths)
+    for module in (base_model, split_data, tokenize_data, train_qlora, evaluate_adapter, export_hub):
+        results[module.SPEC.name] = run_as_declared(module, params, paths, stage_params_read)
     return paths, params, results
+
+
+def copy_outputs(paths, destination):
+    """A copy of the pipeline's outputs, so an export with other params leaves the shared project alone."""
+    import shutil
+
+    from stages.common.paths import Paths
+
+    for folder in ("models", "data", "metrics", "reports", "eval"):
+        shutil.copytree(paths.root / folder, destination / folder)
+    return Paths.at(destination)
 
 
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory):
     """The API URL of one Prefect server on loopback, shared by the flow tests and stopped at the end."""
-    from flows.local_server import prefect_server
+    from tests.local_servers import prefect_server
 
     with prefect_server(tmp_path_factory.mktemp("prefect-server"), dict(os.environ)) as url:
         yield url
@@ -153,15 +206,41 @@ def dvc_remote(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("dvc-remote")
 
 
+class FlowRun(NamedTuple):
+    """A workspace after one run of the flow: its root, the environment of its commands, the flow's completed
+    process and the report it published."""
+
+    root: Path
+    env: dict
+    done: subprocess.CompletedProcess
+    report: str
+
+
 @pytest.fixture(scope="session")
-def flow_project(tmp_path_factory, tiny_model_dir, prefect_api, dvc_remote):
+def flow_project(tmp_path_factory, tiny_model_dir, prefect_api, dvc_remote) -> FlowRun:
     """A tiny workspace in a temporary git repository (raw CSV under `dvc add`, `dvc_remote` its default DVC
-    remote, flow.push: true) after one run of the flow: (root, env, the flow's completed process). Built once
-    for test_dvc_remote.py and test_flow_e2e.py, which go on changing it in that order (one flow run, ~80 s)."""
-    from tests.flow_workspace import commit, dvc, flow, new_workspace
+    remote, flow.push: true) after one run of the flow (~80 s), built once. Tests only read it; a test that
+    changes a workspace takes `workspace_copy`."""
+    from tests.flow_workspace import commit, dvc, flow, latest_report, new_workspace
 
     root = tmp_path_factory.mktemp("e2e")
     env = new_workspace(root, tiny_model_dir, prefect_api, overrides={"flow": {"push": True}})
     dvc(["remote", "add", "-d", "shared", str(dvc_remote)], root, env)
     commit(root, env, "tiny project")
-    return root, env, flow(root, env)
+    done = flow(root, env)
+    return FlowRun(root, env, done, latest_report(env))
+
+
+@pytest.fixture
+def workspace_copy(flow_project, tmp_path, prefect_api) -> tuple[Path, dict]:
+    """A copy of `flow_project`'s workspace (git history, DVC cache, mlflow.db and outputs) for one test to
+    change, so every test starts from the same state whatever ran before: (root, env)."""
+    from tests.flow_workspace import workspace_env
+
+    def left_out(folder: str, names: list[str]) -> list[str]:
+        # DVC's state under .dvc/tmp names absolute paths; Prefect's home is per workspace
+        return [n for n in names if (n == "tmp" and folder.endswith(".dvc")) or n == ".prefect-home"]
+
+    root = tmp_path / "workspace"
+    shutil.copytree(flow_project.root, root, symlinks=True, ignore=left_out)
+    return root, workspace_env(root, prefect_api)

@@ -44,8 +44,8 @@ def dvc(args: list[str], root: Path, env: dict, check: bool = True) -> subproces
 
 
 def flow(root: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
-    """`python -m flows.retrain` on the workspace `root`."""
-    return run([sys.executable, "-m", "flows.retrain", "--project-dir", str(root)], root, env, check)
+    """`python -m flows` (what `make demo` runs) on the workspace `root`."""
+    return run([sys.executable, "-m", "flows", "--project-dir", str(root)], root, env, check)
 
 
 def workspace_env(root: Path, prefect_api: str | None) -> dict:

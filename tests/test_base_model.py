@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from stages import base_model
-from stages.core.config import load_params
-from stages.core.paths import Paths
+from stages.common.config import load_params
+from stages.common.paths import Paths
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -1,6 +1,6 @@
 """The benchmarks run: each side of bench/train_throughput.py on the tiny project, one optimizer step each.
 
-Their figures are printed by `make bench` on the real model (README "Performance"); here only that the code
+Their figures are printed by `make bench` on the real model (docs/performance.md); here only that the code
 works with the installed TRL and transformers, and that the figures mean what they say.
 """
 
@@ -27,21 +27,21 @@ def bench_child(root: Path, trainer: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(pipeline_project) -> dict:
+def bench_runs(pipeline_project) -> dict:
     paths, _, _ = pipeline_project
     return {trainer: bench_child(paths.root, trainer) for trainer in ("baseline", "project")}
 
 
-def test_the_baseline_pads_every_sequence_to_max_length(runs, pipeline_project):
+def test_the_baseline_pads_every_sequence_to_max_length(bench_runs, pipeline_project):
     _, params, _ = pipeline_project
-    baseline = runs["baseline"]
+    baseline = bench_runs["baseline"]
     batch = params.train.batch_size
     assert baseline["computed_tokens"] == 2 * batch * params.prompt.max_length
     assert baseline["padding_fraction"] > 0.3  # tiny examples are ~65 tokens of 128
 
 
-def test_the_project_computes_almost_no_padding_and_scores_the_same_validation_set(runs):
-    project, baseline = runs["project"], runs["baseline"]
+def test_the_project_computes_almost_no_padding_and_scores_the_same_validation_set(bench_runs):
+    project, baseline = bench_runs["project"], bench_runs["baseline"]
     assert project["padding_fraction"] < 0.2 < baseline["padding_fraction"]
     assert project["computed_tokens"] < baseline["computed_tokens"]
     for run in (project, baseline):

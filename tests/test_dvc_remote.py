@@ -3,8 +3,8 @@ remote; a `git clone` elsewhere gets them with `dvc pull` and is up to date (onl
 rebuilt, to the same bytes); a push that cannot reach its remote is retried, fails the run, keeps the outputs
 and leaks no password. Unit tests pin the URL masking, the failure classification and the remote lookup.
 
-The workspace is conftest's `flow_project`, run once through the flow and then used by test_flow_e2e.py:
-these tests leave its git history, outputs and params as they found them."""
+The workspace is conftest's `flow_project`, run once through the flow; the test that changes a workspace
+works on a copy of it (`workspace_copy`)."""
 
 import hashlib
 import re
@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.local_server import free_port
 from flows.remote import PushFailed, mask_secrets, push_failure, push_target, pushed_files
-from stages.core.config import ConfigError, params_from_dict
+from stages.common.config import params_from_dict
+from stages.common.errors import ConfigError
 from tests.flow_workspace import dvc, flow, latest_report, run, set_param
+from tests.local_servers import free_port
 
 SHARED = ("models/adapter", "export", "data/splits", "metrics", "reports", "eval", "plots")
 
@@ -45,19 +46,18 @@ def file_hashes(root: Path, folders: tuple[str, ...]) -> dict[str, str]:
 
 
 def test_the_flow_pushes_every_cached_output_after_training(flow_project, dvc_remote):
-    root, env, done = flow_project
+    root, _, done, report = flow_project
     remote = dvc_remote
     output = done.stdout + done.stderr
     pushed = re.search(r"pushed (\d+) files to DVC remote `shared` \((.+?)\)", output)
     assert pushed and int(pushed.group(1)) > 10 and pushed.group(2) == str(remote)
     missing = [md5 for md5 in cached_hashes(root) if not in_remote(remote, md5)]
     assert not missing  # directory listings (.dir) included, so `dvc pull` can rebuild every folder
-    report = latest_report(env)
     assert "Retrain report: retrained" in report and "## Shared outputs" in report and pushed.group(0) in report
 
 
 def test_a_clone_pulls_the_run_and_is_up_to_date(flow_project, tmp_path):
-    root, env, _ = flow_project
+    root, env, _, _ = flow_project
     clone = tmp_path / "clone"
     run(["git", "clone", "-q", str(root), str(clone)], tmp_path, env)
     # What a teammate needs from git besides the code: dvc.lock, which names the outputs. A team commits it
@@ -76,20 +76,15 @@ def test_a_clone_pulls_the_run_and_is_up_to_date(flow_project, tmp_path):
     assert not (clone / "mlflow.db").exists()  # the MLflow store is not a DVC output (README: share a server)
 
 
-def test_a_push_that_cannot_reach_its_remote_is_retried_fails_the_run_and_leaks_no_password(flow_project):
-    root, env, _ = flow_project
+def test_a_push_that_cannot_reach_its_remote_is_retried_fails_the_run_and_leaks_no_password(workspace_copy):
+    root, env = workspace_copy
     url = f"http://bob:hunter2@127.0.0.1:{free_port()}/dvc"  # nothing listens there
-    params = (root / "params.yaml").read_text()
     set_param(root, "flow", "remote", "unreachable")  # no stage reads `flow`: the pipeline stays up to date
     set_param(root, "flow", "retry_delay_seconds", 0)
     adapter = root / "models" / "adapter" / "adapter_model.safetensors"
     before = adapter.stat().st_mtime_ns
     dvc(["remote", "add", "--local", "unreachable", url], root, env)  # .dvc/config.local, as credentials go
-    try:
-        done = flow(root, env, check=False)
-    finally:
-        (root / "params.yaml").write_text(params)
-        dvc(["remote", "remove", "--local", "unreachable"], root, env)
+    done = flow(root, env, check=False)
     output = done.stdout + done.stderr
     report = latest_report(env)
     assert done.returncode == 1, output[-3000:]

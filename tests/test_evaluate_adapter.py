@@ -2,8 +2,8 @@
 
 import json
 
-from stages.core.io import read_jsonl
-from stages.core.metrics import price_metrics
+from stages.common.io import read_jsonl
+from stages.common.metrics import price_metrics
 
 
 def test_three_rows_scored_on_the_same_test_set(pipeline_project):

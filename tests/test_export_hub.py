@@ -6,14 +6,14 @@ import pytest
 import yaml
 
 from stages import export_hub
-from stages.core.config import params_from_dict
-from stages.core.io import read_jsonl
+from stages.common.config import params_from_dict
+from stages.common.io import read_jsonl
+from tests.conftest import copy_outputs
 
 
 @pytest.fixture(scope="module")
 def exported(pipeline_project):
-    paths, params, _ = pipeline_project
-    export_hub.run(params, paths)
+    paths, params, _ = pipeline_project  # export_hub is one of the stages it ran
     return paths, params
 
 
@@ -50,9 +50,8 @@ def test_model_card_has_metadata_metrics_and_lineage(exported):
 def test_exported_adapter_reproduces_evaluation_predictions(exported):
     from peft import PeftModel
 
-    from stages.core.generation import build_prompts, generate
-    from stages.core.modeling import load_base, load_tokenizer
-    from stages.core.prompts import parse_price
+    from stages.common.generation import build_prompts, generate, parse_price
+    from stages.common.modeling import load_base, load_tokenizer
 
     paths, params = exported
     test = read_jsonl(paths.split("test"))
@@ -82,25 +81,14 @@ def test_push_is_off_by_default():
     assert params_from_dict({}).export.push is False
 
 
-def copy_outputs(paths, destination):
-    """A copy of the pipeline's outputs, so an export with other params leaves the shared project alone."""
-    import shutil
-
-    from stages.core.paths import Paths
-
-    for folder in ("models", "data", "metrics", "reports", "eval"):
-        shutil.copytree(paths.root / folder, destination / folder)
-    return Paths.at(destination)
-
-
 def test_merged_export_loads_without_peft_and_agrees_with_the_adapter(pipeline_project, tmp_path):
     import dataclasses
 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from stages.core.generation import build_prompts, generate
-    from stages.core.modeling import load_tokenizer
+    from stages.common.generation import build_prompts, generate
+    from stages.common.modeling import load_tokenizer
 
     paths, params, _ = pipeline_project
     copy = copy_outputs(paths, tmp_path)
@@ -115,21 +103,21 @@ def test_merged_export_loads_without_peft_and_agrees_with_the_adapter(pipeline_p
     tokenizer = load_tokenizer(copy.export / "merged")
     test = read_jsonl(copy.split("test"))[: check["items"]]
     prompts = build_prompts(tokenizer, test, params.prompt, params.evaluate.max_new_tokens)
-    from stages.core.prompts import parse_price
+    from stages.common.generation import parse_price
 
     predictions = [parse_price(o) for o in generate(model, tokenizer, prompts, params.evaluate, "merged")]
     assert predictions == check["merged_predictions"] == check["adapter_predictions"]
     assert 'subfolder="merged"' in (copy.export / "README.md").read_text()
 
 
-def test_disagreeing_merge_fails_before_anything_is_written(pipeline_project, tmp_path):
+def test_disagreeing_merge_fails_before_anything_is_written(pipeline_project, tmp_path, monkeypatch):
     import dataclasses
 
     paths, params, _ = pipeline_project
     copy = copy_outputs(paths, tmp_path)
-    # A negative tolerance makes even identical predictions "disagree": the failure path, without mocks.
-    strict = dataclasses.replace(params.export, merge=True, merge_tolerance=-1.0)
-    merged_params = dataclasses.replace(params, export=strict)
+    # The tiny model's merged and unmerged answers agree; make every answer "disagree" to take the failure path.
+    monkeypatch.setattr(export_hub, "answer_gap", lambda merged, adapter: float("inf"))
+    merged_params = dataclasses.replace(params, export=dataclasses.replace(params.export, merge=True))
     with pytest.raises(export_hub.StageError, match="disagree"):
         export_hub.run(merged_params, copy)
     assert not copy.export.exists()

@@ -3,8 +3,9 @@ every DVC stage and records the run in MLflow; a second run is "up to date" in s
 retrains and applies the promotion gate; a second flow on the busy workspace stops; new data retrains;
 `dvc repro` and `dvc exp run` alone are recorded too; `flows.serve` serves a deployment that runs; a
 tracking server that is down stops the flow before any stage.
-The workspace is conftest's `flow_project` (shared with test_dvc_remote.py, which runs first): its flow runs
-push to a local DVC remote."""
+The workspace is conftest's `flow_project`, run once through the flow (its flow runs push to a local DVC
+remote); tests that change a workspace work on a copy of it (`workspace_copy`), so each passes alone and in
+any order."""
 
 import hashlib
 import json
@@ -28,7 +29,7 @@ ALL_STAGES = set(STAGES)
 
 
 def test_flow_runs_every_stage_and_prints_the_table(flow_project):
-    root, _, done = flow_project
+    root, _, done, _ = flow_project
     lock = yaml.safe_load((root / "dvc.lock").read_text())
     assert set(lock["stages"]) == ALL_STAGES
     output = done.stdout + done.stderr  # the table goes through Prefect's logger
@@ -48,7 +49,7 @@ def test_flow_runs_every_stage_and_prints_the_table(flow_project):
 def test_mlflow_holds_the_run_with_metrics_artifacts_and_lineage(flow_project):
     from mlflow import MlflowClient
 
-    root, env, _ = flow_project
+    root, env, _, _ = flow_project
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("qlora-price")
     (mlflow_run,) = client.search_runs([experiment.experiment_id])
@@ -80,7 +81,7 @@ def test_mlflow_holds_the_run_with_metrics_artifacts_and_lineage(flow_project):
 
 
 def test_second_repro_does_nothing(flow_project):
-    root, env, _ = flow_project
+    root, env, _, _ = flow_project
     adapter = root / "models" / "adapter" / "adapter_model.safetensors"
     before = adapter.stat().st_mtime_ns
     done = run([sys.executable, "-m", "dvc", "repro"], root, env)
@@ -89,23 +90,49 @@ def test_second_repro_does_nothing(flow_project):
     assert "up to date" in run([sys.executable, "-m", "dvc", "status"], root, env).stdout
 
 
-def stages_to_rerun(root: Path, env: dict, section: str, key: str, value) -> set[str]:
-    """The stages `dvc repro` would run after setting params `section.key` to `value` (a dry run, with
-    --force-downstream standing in for the outputs that would change)."""
-    params_path = root / "params.yaml"
-    original = params_path.read_text()
-    params = yaml.safe_load(original)
-    params[section][key] = value
-    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+def stages_rerun_after(root: Path, env: dict, path: str, edit) -> set[str]:
+    """The stages `dvc repro` would run after `edit(text)` replaced the file at `path` (a dry run, with
+    --force-downstream standing in for the outputs that would change); the file is restored afterwards."""
+    file = root / path
+    original = file.read_text()
+    file.write_text(edit(original))
     try:
         dry = run([sys.executable, "-m", "dvc", "repro", "--dry", "--force-downstream"], root, env).stdout
     finally:
-        params_path.write_text(original)
+        file.write_text(original)
     return set(re.findall(r"Running stage '(\w+)'", dry))
 
 
+def stages_to_rerun(root: Path, env: dict, section: str, key: str, value) -> set[str]:
+    """The stages `dvc repro` would run after setting params `section.key` to `value`."""
+
+    def edit(text: str) -> str:
+        params = yaml.safe_load(text)
+        params[section][key] = value
+        return yaml.safe_dump(params, sort_keys=False)
+
+    return stages_rerun_after(root, env, "params.yaml", edit)
+
+
+AFTER_EVALUATION = {"evaluate_adapter", "export_hub", "record_run"}
+
+
+@pytest.mark.parametrize(
+    ("module", "expected"),
+    [
+        ("stages/common/generation.py", AFTER_EVALUATION),  # evaluation and export import it, training does not
+        ("stages/evaluation/charts.py", AFTER_EVALUATION),
+        ("stages/tracking/registry.py", {"record_run"}),
+        ("stages/training/watch.py", {"train_qlora"} | AFTER_EVALUATION),
+    ],
+)
+def test_a_comment_in_a_module_reruns_only_the_stages_that_import_it(flow_project, module, expected):
+    root, env, _, _ = flow_project
+    assert stages_rerun_after(root, env, module, lambda text: text + "\n# a comment\n") == expected
+
+
 def test_learning_rate_change_invalidates_train_evaluate_export_record_only(flow_project):
-    root, env, _ = flow_project
+    root, env, _, _ = flow_project
     assert stages_to_rerun(root, env, "train", "learning_rate", 0.001) == {
         "train_qlora",
         "evaluate_adapter",
@@ -115,19 +142,29 @@ def test_learning_rate_change_invalidates_train_evaluate_export_record_only(flow
 
 
 def test_split_seed_change_invalidates_from_split_on(flow_project):
-    root, env, _ = flow_project
+    root, env, _, _ = flow_project
     assert stages_to_rerun(root, env, "data", "seed", 8) == ALL_STAGES - {"base_model"}
 
 
 def expected_alias(evaluation: dict, champion) -> str:
     """What the promotion rule says for these metrics (the gate's own tests pin the rule itself)."""
-    from stages.core.registry import Gate, decide
+    from stages.tracking.registry import Gate, decide
 
     gate = Gate("avg_error", greater_is_better=False, min_improvement=0.0)
     test_hash = "same"
     return decide(
         gate, evaluation["adapter"]["avg_error"], evaluation["base_zero_shot"]["avg_error"], champion, test_hash
     ).alias
+
+
+def make_version_1_a_poor_champion(root: Path):
+    """The tiny model's adapter ties with the base model (neither writes a number yet), so version 1 was a
+    challenger. Make it a poor champion by hand, as a user promoting it would, for a new one to beat."""
+    client = mlflow_client(root)
+    first_version = client.get_model_version("qlora-price-adapter", "1")
+    client.set_registered_model_alias("qlora-price-adapter", "champion", "1")
+    client.log_metric(first_version.run_id, "eval.adapter.avg_error", 1.0e9)
+    return client
 
 
 def mlflow_client(root: Path):
@@ -141,8 +178,8 @@ def all_runs(root: Path) -> list:
     return client.search_runs([client.get_experiment_by_name("qlora-price").experiment_id])
 
 
-def test_a_run_with_nothing_changed_is_up_to_date_in_seconds(flow_project):
-    root, env, _ = flow_project
+def test_a_run_with_nothing_changed_is_up_to_date_in_seconds(workspace_copy):
+    root, env = workspace_copy
     runs_before = len(all_runs(root))
     adapter = root / "models" / "adapter" / "adapter_model.safetensors"
     before = adapter.stat().st_mtime_ns
@@ -158,17 +195,12 @@ def test_a_run_with_nothing_changed_is_up_to_date_in_seconds(flow_project):
     assert seconds < 60  # process start and Prefect import included; the check itself is `dvc status`
 
 
-def test_a_second_flow_on_a_busy_workspace_stops_and_the_first_finishes(flow_project):
-    root, env, _ = flow_project
-    client = mlflow_client(root)
-    # The tiny model's adapter ties with the base model (neither writes a number yet), so version 1 was
-    # a challenger. Make it a poor champion by hand, as a user promoting it would, for the new one to beat.
-    first_version = client.get_model_version("qlora-price-adapter", "1")
-    client.set_registered_model_alias("qlora-price-adapter", "champion", "1")
-    client.log_metric(first_version.run_id, "eval.adapter.avg_error", 1.0e9)
+def test_a_second_flow_on_a_busy_workspace_stops_and_the_first_finishes(workspace_copy):
+    root, env = workspace_copy
+    client = make_version_1_a_poor_champion(root)
     set_param(root, "train", "learning_rate", 0.005)  # retrains; same test set, so the gate compares
     first = subprocess.Popen(
-        [sys.executable, "-m", "flows.retrain", "--project-dir", str(root)],
+        [sys.executable, "-m", "flows", "--project-dir", str(root)],
         cwd=root,
         env=env,
         stdout=subprocess.PIPE,
@@ -196,10 +228,11 @@ def test_a_second_flow_on_a_busy_workspace_stops_and_the_first_finishes(flow_pro
     assert "| split | rows | sha256 |" in report  # the data report
 
 
-def test_new_rows_retrain_from_the_split_and_register_a_version(flow_project):
+def test_new_rows_retrain_from_the_split_and_register_a_version(workspace_copy):
     import pandas as pd
 
-    root, env, _ = flow_project
+    root, env = workspace_copy
+    make_version_1_a_poor_champion(root)
     # Pin the test set first, as the README says, so the new adapter is scored on the champion's test set.
     shutil.copy(root / "data" / "splits" / "test.jsonl", root / "data" / "raw" / "test-pinned.jsonl")
     set_param(root, "data", "test_split", "data/raw/test-pinned.jsonl")
@@ -212,17 +245,17 @@ def test_new_rows_retrain_from_the_split_and_register_a_version(flow_project):
     output = done.stdout + done.stderr
     assert "split_data: changed deps: data/raw modified" in output
     record = json.loads((root / "reports" / "mlflow_run.json").read_text())
-    assert record["version"] == "3" and record["reason"] in output
-    print(f"new rows: version 3 is {record['alias']}: {record['reason']}")
-    assert "for champion v2" in record["reason"]  # compared: same test set
+    assert record["version"] == "2" and record["reason"] in output
+    print(f"new rows: version 2 is {record['alias']}: {record['reason']}")
+    assert "for champion v1" in record["reason"]  # compared: same test set
     assert record["previous_champion"] is not None and "current champion (MLflow)" in output
     tracked = yaml.safe_load((root / "data" / "raw" / "prices.csv.dvc").read_text())["outs"][0]
     assert tracked["md5"] == hashlib.md5(raw.read_bytes()).hexdigest()  # DVC cached the new version
     assert json.loads((root / "metrics" / "data.json").read_text())["rows_in"] == 120
 
 
-def test_dvc_repro_alone_is_recorded_with_how_it_started(flow_project):
-    root, env, _ = flow_project
+def test_dvc_repro_alone_is_recorded_with_how_it_started(workspace_copy):
+    root, env = workspace_copy
     set_param(root, "tracking", "min_improvement", 1.0)  # re-runs record_run only: cheap
     done = run([sys.executable, "-m", "dvc", "repro"], root, env)
     assert set(re.findall(r"Running stage '(\w+)'", done.stdout)) == {"record_run"}
@@ -230,21 +263,21 @@ def test_dvc_repro_alone_is_recorded_with_how_it_started(flow_project):
     assert newest.data.tags["started_by"] == "dvc repro" and newest.info.status == "FINISHED"
     assert newest.data.params["tracking.min_improvement"] == "1.0"
     record = json.loads((root / "reports" / "mlflow_run.json").read_text())
-    assert record["new_version"] is False and "same adapter as version 3" in record["reason"]
+    assert record["new_version"] is False and "same adapter as version 1" in record["reason"]
 
 
-def test_dvc_exp_run_is_recorded_with_the_experiment_name(flow_project):
-    root, env, _ = flow_project
+def test_dvc_exp_run_is_recorded_with_the_experiment_name(workspace_copy):
+    root, env = workspace_copy
     run(["git", "add", "-A"], root, env)
-    run(["git", "commit", "-qm", "after the retrains"], root, env)
+    run(["git", "commit", "-qm", "after the first run"], root, env)
     run([sys.executable, "-m", "dvc", "exp", "run", "-n", "margin-2", "-S", "tracking.min_improvement=2.0"], root, env)
     newest = max(all_runs(root), key=lambda r: r.info.start_time)
     assert newest.data.tags["started_by"] == "dvc exp run" and newest.data.tags["dvc.exp_name"] == "margin-2"
     assert newest.data.params["tracking.min_improvement"] == "2.0"
 
 
-def test_served_deployment_runs_on_demand_and_pauses_when_stopped(flow_project):
-    root, env, _ = flow_project
+def test_served_deployment_runs_on_demand_and_pauses_when_stopped(workspace_copy):
+    root, env = workspace_copy
     # Output to a file, not a pipe: a process the served runs start may outlive `flows.serve` and hold a
     # pipe open, which once made reading it time out although the server had stopped.
     log = root.parent / "serve.log"

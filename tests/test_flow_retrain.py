@@ -12,7 +12,7 @@ DVC_FAILED = "ERROR: failed to reproduce 'train_qlora': failed to run: python -m
     [
         (1, False),  # bad input, bad params, or an uncaught exception (a bug)
         (2, False),
-        (75, True),  # an OS error in the stage (stages/core/cli.TRANSIENT_EXIT)
+        (75, True),  # an OS error in the stage (stages/common/cli.TRANSIENT_EXIT)
         (-9, True),  # SIGKILL: the OOM killer, a lost worker
         (137, True),
     ],

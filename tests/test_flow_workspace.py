@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 from flows.workspace import DvcStatusFailed, WorkspaceBusy, busy_message, describe_changes, workspace_lock
-from stages.core.paths import Paths
+from stages.common.paths import Paths
 
 HOLD = """
 import sys, time
 from flows.workspace import workspace_lock
-from stages.core.paths import Paths
+from stages.common.paths import Paths
 with workspace_lock(Paths.at(sys.argv[1]), 0, owner="flow run first-run"):
     print("held", flush=True)
     time.sleep(float(sys.argv[2]))
@@ -95,10 +95,10 @@ def test_the_flow_asks_dvc_again_when_the_answer_ahead_may_be_stale(tmp_path, mo
     asked = []
     monkeypatch.setattr(retrain, "pipeline_changes", lambda root, env: asked.append(root) or {"stage": ["changed"]})
     ahead = retrain.StatusAhead(tmp_path, None)  # not a DVC project: this answer would be an error
-    monkeypatch.setattr(retrain, "STATUS_AHEAD", ahead)
+    monkeypatch.setattr(retrain, "_status_ahead", ahead)
     assert retrain.workspace_changes(Paths.at(tmp_path), stale=True) == {"stage": ["changed"]}
     assert asked == [Paths.at(tmp_path).root] and ahead.process.returncode is not None
-    assert retrain.STATUS_AHEAD is None  # used up: a later flow run in this process asks DVC itself
+    assert retrain._status_ahead is None  # used up: a later flow run in this process asks DVC itself
 
 
 def test_dvc_status_is_described_one_line_per_stage():

@@ -6,8 +6,9 @@ import shutil
 import pytest
 
 from stages import record_run
-from stages.core.paths import Paths
-from tests.conftest import REPO_ROOT
+from stages.common.config import load_params
+from stages.common.paths import Paths
+from tests.conftest import REPO_ROOT, run_as_declared
 
 EVALUATION = {
     "adapter": {"avg_error": 40.0, "rmsle": 0.3, "hit_rate": 0.5, "unparsed": 0},
@@ -52,6 +53,12 @@ def test_dvc_repro_alone_gets_its_own_run_and_a_champion(finished_project, capsy
     assert [m.value for m in client_of(finished_project).get_metric_history(record["run_id"], "val_loss")] == [2.7]
 
 
+def test_record_run_reads_every_params_section_it_declares(finished_project):
+    read: dict[str, set[str]] = {}
+    run_as_declared(record_run, load_params(finished_project.params), finished_project, read)
+    assert read["record_run"] == set(record_run.SPEC.params)
+
+
 def test_dvc_exp_run_is_tagged_with_the_experiment_name(finished_project, monkeypatch):
     monkeypatch.setenv("DVC_EXP_NAME", "bushy-lobe")
     assert record_run.main([]) == 0
@@ -89,14 +96,14 @@ def test_missing_evaluation_is_a_clear_error(finished_project, capsys):
 
 
 def test_a_password_in_the_tracking_uri_is_masked_where_it_is_shown():
-    from stages.core.tracking import shown_uri
+    from stages.tracking.store import shown_uri
 
     assert shown_uri("postgresql://ml:s3cret@db:5432/mlflow") == "postgresql://ml:***@db:5432/mlflow"
     assert shown_uri("sqlite:///x/mlflow.db") == "sqlite:///x/mlflow.db"
 
 
 def test_a_failing_live_stream_does_not_print_the_password(capsys, monkeypatch):
-    from stages.core.watch import MlflowStream
+    from stages.training.watch import MlflowStream
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail at once, not after minutes of retries
     stream = MlflowStream("0123456789abcdef", "http://ml:s3cret@127.0.0.1:9/")  # nothing listens on port 9

@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.local_server import background_process, mlflow_server, prefect_server
 from flows.retrain import STAGES
 from tests.conftest import REPO_ROOT
 from tests.flow_workspace import commit, latest_report, new_workspace, run, workspace_env
+from tests.local_servers import background_process, mlflow_server, prefect_server
 
 POOL = "retrain-pool"
 DEPLOYMENT = "worker-retrain"

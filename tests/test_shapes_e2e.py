@@ -10,10 +10,10 @@ import math
 import pytest
 
 from stages import base_model, evaluate_adapter, export_hub, split_data, tokenize_data, train_qlora
-from stages.core.config import load_params
-from stages.core.io import read_jsonl
-from stages.core.paths import Paths
-from stages.core.prompts import IGNORE_INDEX
+from stages.common.config import load_params
+from stages.common.io import read_jsonl
+from stages.common.labels import IGNORE_INDEX
+from stages.common.paths import Paths
 from tests.conftest import write_project
 
 CHAT_TEMPLATE = (
@@ -99,7 +99,7 @@ def test_splits_carry_the_shape(pair_project, chat_project):
 def test_prompt_completion_labels_cover_the_completion_and_eos(pair_project):
     from datasets import load_from_disk
 
-    from stages.core.modeling import load_tokenizer
+    from stages.common.modeling import load_tokenizer
 
     paths, _ = pair_project
     tokenizer = load_tokenizer(paths.base_model)
@@ -110,8 +110,8 @@ def test_prompt_completion_labels_cover_the_completion_and_eos(pair_project):
 
 
 def test_chat_labels_cover_assistant_turns_only(chat_project):
-    from stages.core.modeling import load_tokenizer
-    from stages.core.shapes import encode_chat
+    from stages.common.modeling import load_tokenizer
+    from stages.common.shapes import encode_chat
 
     paths, _ = chat_project
     tokenizer = load_tokenizer(paths.base_model)
@@ -152,7 +152,7 @@ def test_evaluation_reports_loss_perplexity_and_exact_match(shaped_project):
 def test_export_card_claims_no_price_metrics(shaped_project):
     import yaml
 
-    from stages.core.report import comparison_table
+    from stages.common.report import comparison_table
 
     paths, _ = shaped_project
     assert (paths.export / "adapter_model.safetensors").is_file()
@@ -160,7 +160,7 @@ def test_export_card_claims_no_price_metrics(shaped_project):
     meta = yaml.safe_load(card.split("---")[1])
     types = [m["type"] for m in meta["model-index"][0]["results"][0]["metrics"]]
     assert types == ["loss", "perplexity", "exact_match"] and "price-prediction" not in meta["tags"]
-    assert "price" not in card.lower() and "hit rate" not in card and "perplexity" in card
+    assert "avg error" not in card and "$" not in card and "hit rate" not in card and "perplexity" in card
     table = comparison_table(json.loads(paths.eval_metrics.read_text()))
     assert "perplexity" in table and "fine-tuned adapter" in table and "$" not in table
 

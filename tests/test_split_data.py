@@ -9,9 +9,10 @@ import pandas as pd
 import pytest
 
 from stages import split_data
-from stages.core.config import params_from_dict
-from stages.core.io import InputError, read_jsonl
-from stages.core.paths import Paths
+from stages.common.config import params_from_dict
+from stages.common.errors import InputError
+from stages.common.io import read_jsonl
+from stages.common.paths import Paths
 from tests.conftest import REPO_ROOT, price_rows
 
 

@@ -6,8 +6,8 @@ import shutil
 import pytest
 
 from stages import tokenize_data
-from stages.core.config import params_from_dict
-from stages.core.prompts import IGNORE_INDEX
+from stages.common.config import params_from_dict
+from stages.common.labels import IGNORE_INDEX
 
 
 def test_labels_mask_the_prompt(pipeline_project):
@@ -29,8 +29,8 @@ def test_labels_mask_the_prompt(pipeline_project):
 def test_truncation_is_counted(pipeline_project, tmp_path):
     paths, _params, _ = pipeline_project
     tokenizer_params = params_from_dict({"prompt": {"max_length": 90}})
-    from stages.core.io import read_jsonl
-    from stages.core.modeling import load_tokenizer
+    from stages.common.io import read_jsonl
+    from stages.common.modeling import load_tokenizer
 
     rows = [{"text": "A silver kettle with a long description. " * 10, "price": 12.0}, *read_jsonl(paths.split("val"))]
     columns, truncated = tokenize_data.encode_split(
@@ -41,8 +41,8 @@ def test_truncation_is_counted(pipeline_project, tmp_path):
 
 def test_no_label_left_names_file_and_line(pipeline_project):
     paths, _, _ = pipeline_project
-    from stages.core.io import read_jsonl
-    from stages.core.modeling import load_tokenizer
+    from stages.common.io import read_jsonl
+    from stages.common.modeling import load_tokenizer
 
     cfg = params_from_dict({"prompt": {"max_length": 3, "add_eos": False}}).prompt
     with pytest.raises(tokenize_data.StageError, match=r"train.jsonl:1: field 'price'"):

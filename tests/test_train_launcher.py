@@ -10,9 +10,10 @@ import sys
 import pytest
 import yaml
 
-from stages.core import launcher
-from stages.core.config import ConfigError, TrainConfig, params_from_dict
-from stages.core.io import read_jsonl
+from stages.common.config import TrainConfig, params_from_dict
+from stages.common.errors import ConfigError
+from stages.common.io import read_jsonl
+from stages.training import launcher
 from tests.conftest import REPO_ROOT
 from tests.test_train_qlora import copy_inputs
 
@@ -82,7 +83,7 @@ def test_launcher_settings_are_checked_by_name():
     assert params_from_dict({}).train.launcher == "single"
     with pytest.raises(ConfigError, match=r"train\.launcher: expected one of \['single', 'accelerate'\]"):
         params_from_dict({"train": {"launcher": "torchrun"}})
-    with pytest.raises(ConfigError, match=r"train\.num_processes: expected at least 1, got 0"):
+    with pytest.raises(ConfigError, match=r"train\.num_processes: expected a number of at least 1, got 0"):
         params_from_dict({"train": {"num_processes": 0}})
     with pytest.raises(ConfigError, match=r"train\.accelerate_config: expected an accelerate config file"):
         params_from_dict({"train": {"accelerate_config": "configs/accelerate"}})

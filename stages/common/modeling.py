@@ -1,0 +1,113 @@
+"""Loading the base model in 4-bit NF4 (bitsandbytes) and its tokenizer, on CUDA when present, else CPU."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from stages.common.config import QuantizationConfig
+
+
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def compute_dtype(name: str):
+    """torch dtype for 4-bit matmuls: "auto" is bfloat16 on CUDA and float32 on CPU (bf16 is slow there)."""
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device() == "cuda" else torch.float32
+    return getattr(torch, name)  # config.COMPUTE_DTYPES: float32, bfloat16 or float16
+
+
+def set_threads(threads: int) -> None:
+    """Use `threads` CPU threads for torch (0: one per core)."""
+    import torch
+
+    torch.set_num_threads(threads if threads > 0 else max(os.cpu_count() or 1, 1))
+
+
+def load_tokenizer(path: Path, padding_side: str = "right"):
+    """The base model's tokenizer with a pad token (EOS when it has none) and the given padding side."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def bnb_config(cfg: QuantizationConfig):
+    """BitsAndBytesConfig for NF4 (or FP4) 4-bit weights with optional double quantization."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.quant_type,
+        bnb_4bit_use_double_quant=cfg.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype(cfg.compute_dtype),
+    )
+
+
+def load_base(path: Path, cfg: QuantizationConfig):
+    """The base model from `path`, in 4 bits when `cfg.load_in_4bit`, on this machine's device, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": compute_dtype(cfg.compute_dtype), "device_map": {"": device()}}
+    if cfg.load_in_4bit:
+        kwargs["quantization_config"] = bnb_config(cfg)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    keep_compute_dtype_on_cpu(model)
+    if cfg.load_in_4bit:
+        release_weights_file(model)
+    model.eval()
+    return model
+
+
+def release_weights_file(model) -> None:
+    """Copy the tensors a 4-bit model still reads from the memory-mapped weights file (embeddings, norms,
+    lm_head: bitsandbytes quantizes only the linear layers) into memory of their own, so the mapping closes.
+
+    Quantizing reads every weight, and on a CPU those file pages then stay in the process's resident memory
+    for as long as one tensor maps them, so without this copy a 4-bit model would hold more resident memory
+    than the unquantized one (figures in docs/performance.md).
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        for _, tensor in tensors:
+            if tensor.device.type == "cpu" and not isinstance(tensor, bnb.nn.Params4bit):
+                tensor.data = tensor.data.clone()
+
+
+def load_adapter_model(base: Path, adapter: Path, cfg: QuantizationConfig):
+    """The base from `base` (4-bit when `cfg.load_in_4bit`) with the LoRA adapter in `adapter`, in eval mode;
+    FileNotFoundError when `adapter` holds no adapter."""
+    from peft import PeftModel
+
+    if not (adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter}: no adapter_config.json; run train_qlora first")
+    model = PeftModel.from_pretrained(load_base(base, cfg), adapter)
+    model.eval()
+    return model
+
+
+def keep_compute_dtype_on_cpu(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for its bf16 CPU inference kernel.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a Linear4bit's weights the first time it runs in eval
+    mode and from then on multiplies in bfloat16, whatever the compute dtype, and that kernel has no
+    backward. Its logits differ visibly from the float32 path, it was slower at prefill where measured
+    (docs/decisions.md), and training that resumes after an evaluation would run through it. With it
+    off, training, evaluation and export all compute the same way, in the configured dtype.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False

@@ -1,0 +1,107 @@
+"""The comparison table people read at the end of a run: adapter vs base zero-shot vs mean price.
+
+For prompt/completion and chat data (metrics/eval.json with a "shape" other than "price") the columns
+are the test loss per completion token, its perplexity and the exact-match rate instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+ROWS = (
+    ("adapter", "fine-tuned adapter"),
+    ("adapter_topk", "adapter, top-k estimate"),
+    ("base_zero_shot", "base model, zero-shot"),
+    ("mean_baseline", "constant mean price"),
+    ("champion", "current champion (MLflow)"),
+)
+
+
+def comparison_rows(metrics: dict) -> list[tuple[str, dict]]:
+    """(label, metrics) for each model scored in metrics/eval.json, in display order."""
+    return [(label, metrics[key]) for key, label in ROWS if key in metrics]
+
+
+def interval(m: dict) -> str:
+    """The bootstrap 95% interval of the average error as "[low, high]", or "" when not computed."""
+    if "avg_error_ci_low" not in m:
+        return ""
+    return f"[{m['avg_error_ci_low']:,.0f}, {m['avg_error_ci_high']:,.0f}]"
+
+
+def is_text(metrics: dict) -> bool:
+    """True for the metrics of a prompt/completion or chat evaluation (no prices)."""
+    return metrics.get("shape", "price") != "price"
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of the comparison table: its title, its width in the plain-text table, and its cell."""
+
+    title: str
+    width: int
+    cell: Callable[[dict], str]
+
+
+PRICE_COLUMNS = (
+    Column("avg error", 10, lambda m: f"${m['avg_error']:,.2f}"),
+    Column("95% interval", 16, interval),
+    Column("RMSLE", 7, lambda m: f"{m['rmsle']:.3f}"),
+    Column("hit rate", 9, lambda m: f"{m['hit_rate']:.1%}"),
+    Column("unparsed", 9, lambda m: f"{int(m['unparsed'])}"),
+)
+TEXT_COLUMNS = (
+    Column("test loss", 10, lambda m: f"{m['loss']:.4f}"),
+    Column("perplexity", 11, lambda m: f"{m['perplexity']:.3f}"),
+    Column("exact match", 12, lambda m: f"{m['exact_match']:.1%}"),
+    Column("items", 6, lambda m: f"{int(m['n'])}"),
+)
+LABEL_WIDTH = 26
+
+
+def columns_for(metrics: dict) -> tuple[Column, ...]:
+    return TEXT_COLUMNS if is_text(metrics) else PRICE_COLUMNS
+
+
+def comparison_table(metrics: dict) -> str:
+    """A plain-text table of avg error (with its 95% interval), RMSLE, hit rate and unparsed outputs
+    (or, for text data, test loss, perplexity, exact match and items), one row per model."""
+    columns = columns_for(metrics)
+    header = f"{'model':<{LABEL_WIDTH}}" + "".join(f" {c.title:>{c.width}}" for c in columns)
+    lines = [header, "-" * len(header)]
+    for label, m in comparison_rows(metrics):
+        lines.append(f"{label:<{LABEL_WIDTH}}" + "".join(f" {c.cell(m):>{c.width}}" for c in columns))
+    return "\n".join(lines)
+
+
+def comparison_markdown(metrics: dict) -> str:
+    """The same table in Markdown, for the model card and the Prefect report."""
+    columns = columns_for(metrics)
+    lines = [
+        "| model | " + " | ".join(c.title for c in columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for label, m in comparison_rows(metrics):
+        lines.append(f"| {label} | " + " | ".join(c.cell(m) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def data_markdown(data: dict) -> str:
+    """metrics/data.json as Markdown for a run report: source and shape, rows in, kept and dropped per
+    reason (reasons with no drops left out), and each split's size and sha256."""
+    lines = [
+        f"Data: `{data.get('source', '?')}` ({data.get('shape', 'price')}): {data['rows_in']:,} rows in, "
+        f"{data['rows_kept']:,} kept, {data.get('rows_dropped', data['rows_in'] - data['rows_kept']):,} dropped.",
+        "",
+        "| dropped because | rows | first example |",
+        "|---|---:|---|",
+    ]
+    examples = data.get("dropped_examples", {})
+    for reason, count in data.get("dropped", {}).items():
+        if count:
+            first = (examples.get(reason) or [""])[0].replace("|", "\\|")
+            lines.append(f"| {reason} | {count:,} | {first} |")
+    lines += ["", "| split | rows | sha256 |", "|---|---:|---|"]
+    lines += [f"| {name} | {data[name]['n']:,} | `{data[name]['sha256']}` |" for name in ("train", "val", "test")]
+    return "\n".join(lines)

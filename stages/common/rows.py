@@ -1,0 +1,66 @@
+"""The three shapes of data rows, as split_data writes them and every later stage reads them.
+
+- `price`: {"text", "price"} (the course's price task).
+- `prompt_completion`: {"prompt", "completion"}: any supervised task.
+- `chat`: {"messages": [{"role", "content"}, ...]} ending with an assistant turn.
+A split file's shape follows from its rows' fields (`split_shape`), so the splits carry it themselves;
+`row_key` is what must not repeat across splits.
+"""
+
+from __future__ import annotations
+
+import re
+
+from stages.common.config import CHAT, PAIR, PRICE
+from stages.common.errors import InputError
+
+ROLES = ("system", "user", "assistant")
+TARGET_FIELD = {PRICE: "price", PAIR: "completion", CHAT: "messages"}  # named when a target does not fit
+
+
+def normalise(text: str) -> str:
+    """Lower case, whitespace collapsed: the key under which two texts count as the same."""
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def row_shape(row: dict) -> str | None:
+    if "messages" in row:
+        return CHAT
+    if "prompt" in row and "completion" in row:
+        return PAIR
+    if "text" in row and "price" in row:
+        return PRICE
+    return None
+
+
+def split_shape(rows: list[dict], where: str) -> str:
+    """The one shape of every row in a split file; InputError naming the line of a row that differs."""
+    first = None
+    for line, row in enumerate(rows, start=1):
+        shape = row_shape(row)
+        if shape is None:
+            raise InputError(
+                f"{where}:{line}: fields {sorted(row)}; expected text+price, prompt+completion or messages"
+            )
+        if first is not None and shape != first:
+            raise InputError(f"{where}:{line}: a {shape} row in a file of {first} rows")
+        first = shape
+    if first is None:
+        raise InputError(f"{where}: no rows; run split_data first")
+    return first
+
+
+def row_key(row: dict) -> str:
+    """What must not repeat across splits: the description, the prompt, or the conversation before its
+    last (assistant) turn."""
+    shape = row_shape(row)
+    if shape == PRICE:
+        return normalise(row["text"])
+    if shape == PAIR:
+        return normalise(row["prompt"])
+    return normalise(" ".join(f"{turn['role']}: {turn['content']}" for turn in row["messages"][:-1]))
+
+
+def reference(row: dict, shape: str) -> str:
+    """The completion a prompt/completion or chat row expects (the last assistant turn for chat)."""
+    return row["completion"] if shape == PAIR else row["messages"][-1]["content"]

@@ -1,0 +1,1 @@
+"""evaluate_adapter's helpers: its charts and its baselines."""

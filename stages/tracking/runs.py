@@ -1,0 +1,235 @@
+"""Recording one pipeline execution as one MLflow run: params, metrics, loss curve, artifacts, lineage.
+
+`record_pipeline_run(paths, params, started_by)` reads what the stages wrote (METRIC_FILES, CHARTS and
+RECORDED below) and dvc.lock, so a stage that DVC skipped still has its metrics recorded. The store is the
+one stages/tracking/store.py names; artifacts of a new experiment go to <project>/mlartifacts/, or, with a
+tracking server (MLFLOW_TRACKING_URI=http://...), wherever that server stores them (uploaded through it).
+MLflow is imported only inside these functions.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import yaml
+
+from stages.common.config import Params, flatten
+from stages.common.io import read_json
+from stages.common.paths import Paths
+from stages.tracking.registry import TEST_HASH_TAG, champion_run
+from stages.tracking.store import client_for, is_server, store_root
+
+MAX_PARAM_LENGTH = 250  # MLflow rejects longer parameter values
+METRIC_FILES = (Paths.data_metrics, Paths.token_metrics, Paths.train_metrics, Paths.eval_metrics)
+CHARTS = (Paths.token_histogram, Paths.loss_chart, Paths.scatter_chart)
+# What a run records besides metrics and charts: the loss curve, the adapter, the predictions, the export.
+RECORDED = (Paths.loss_plot, Paths.adapter, Paths.predictions, Paths.export)
+LOSS_COLUMNS = ("train_loss", "val_loss", "learning_rate", "grad_norm", "tokens_seen")
+LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "trl", "datasets", "dvc", "mlflow", "prefect")
+
+
+def numeric_leaves(data: dict, prefix: str = "") -> dict[str, float]:
+    """Flatten nested metrics into {"a.b": number}, keeping numbers only (booleans and strings dropped)."""
+    flat: dict[str, float] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(numeric_leaves(value, f"{name}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[name] = float(value)
+    return flat
+
+
+def git_tags(root: Path) -> dict[str, str]:
+    """The commit the workspace is at and whether it has uncommitted changes ("unknown" outside git)."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=False)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {"git.commit": commit, "git.dirty": str(bool(dirty)).lower()}
+
+
+def dvc_lock_tags(root: Path) -> dict[str, str]:
+    """Lineage from dvc.lock: the md5 of every stage's deps and outputs, and a digest of its params."""
+    lock_path = root / "dvc.lock"
+    if not lock_path.is_file():
+        return {}
+    lock = yaml.safe_load(lock_path.read_text(encoding="utf-8")) or {}
+    tags = {}
+    for stage, entry in (lock.get("stages") or {}).items():
+        for out in entry.get("outs") or []:
+            tags[f"dvc.out.{out['path']}"] = out.get("md5", "")
+        for dep in entry.get("deps") or []:
+            tags[f"dvc.dep.{stage}.{dep['path']}"] = dep.get("md5", "")
+        if entry.get("params"):
+            digest = hashlib.sha256(json.dumps(entry["params"], sort_keys=True).encode()).hexdigest()[:16]
+            tags[f"dvc.params.{stage}"] = digest
+    return tags
+
+
+def loss_history(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """Per-step series from plots/loss.csv: {column: [(step, value), ...]}."""
+    series: dict[str, list[tuple[int, float]]] = {c: [] for c in LOSS_COLUMNS}
+    if not path.is_file():
+        return series
+    with path.open(encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            for column in LOSS_COLUMNS:
+                if row.get(column) not in (None, ""):
+                    series[column].append((int(row["step"]), float(row[column])))
+    return series
+
+
+def log_in_batches(client, run_id: str, metrics: list) -> None:
+    for start in range(0, len(metrics), 1000):  # log_batch takes at most 1000 metrics
+        client.log_batch(run_id, metrics=metrics[start : start + 1000])
+
+
+def log_metrics(client, run_id: str, values: dict[str, float]) -> None:
+    """Log {name: value} in one request rather than one per metric."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    log_in_batches(client, run_id, [Metric(key=k, value=v, timestamp=now, step=0) for k, v in values.items()])
+
+
+def log_step_metrics(client, run_id: str, series: dict[str, list[tuple[int, float]]]) -> None:
+    """Log per-step series, skipping any the run already has (streamed live by train_qlora)."""
+    from mlflow.entities import Metric
+
+    metrics = [
+        Metric(key=name, value=value, timestamp=0, step=step)
+        for name, points in series.items()
+        if points and not client.get_metric_history(run_id, name)
+        for step, value in points
+    ]
+    log_in_batches(client, run_id, metrics)
+
+
+def experiment_id(client, paths: Paths, name: str) -> str:
+    """The id of experiment `name`, created when missing. A tracking server chooses the artifact location
+    of a new experiment itself (proxied `mlflow-artifacts:/`, stored where `--artifacts-destination`
+    says); a store opened directly gets <project>/mlartifacts/ rather than a folder under the cwd."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    if is_server(client.tracking_uri):
+        return client.create_experiment(name)
+    artifacts = store_root(paths) / paths.mlflow_artifacts.name
+    return client.create_experiment(name, artifact_location=artifacts.as_uri())
+
+
+def library_tags() -> dict[str, str]:
+    """The versions of the libraries that shape a run's result."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    tags = {}
+    for package in LIBRARIES:
+        try:
+            tags[f"lib.{package}"] = version(package)
+        except PackageNotFoundError:
+            tags[f"lib.{package}"] = "not installed"
+    return tags
+
+
+def test_set_hash(paths: Paths) -> str | None:
+    """The sha256 of the test split, from metrics/data.json (None before split_data has run)."""
+    return read_json(paths.data_metrics)["test"]["sha256"] if paths.data_metrics.is_file() else None
+
+
+def champion_metrics(paths: Paths, params: Params) -> dict[str, float] | None:
+    """The evaluation metrics of the registry's `champion` version of `tracking.registered_model`, when
+    it exists and was scored on the same test set (same sha256) as this workspace; else None."""
+    found = champion_run(client_for(paths, params), params.tracking.registered_model)
+    if found is None:
+        return None
+    version, run = found
+    if run.data.tags.get(TEST_HASH_TAG) != test_set_hash(paths):
+        print(f"champion (version {version.version}) was scored on another test set; not compared")
+        return None
+    prefix = "eval.adapter."
+    return {key.removeprefix(prefix): value for key, value in run.data.metrics.items() if key.startswith(prefix)}
+
+
+def start_pipeline_run(paths: Paths, params: Params, started_by: str, run_name: str | None = None) -> str:
+    """Open an MLflow run for one pipeline execution, tagged with how it started; return its id.
+    Stages log into it while they run when its id is in $MLFLOW_RUN_ID."""
+    client = client_for(paths, params)
+    tags = {"started_by": started_by, **git_tags(paths.root), **library_tags()}
+    run = client.create_run(experiment_id(client, paths, params.tracking.experiment), run_name=run_name, tags=tags)
+    return run.info.run_id
+
+
+def record_pipeline_run(
+    paths: Paths,
+    params: Params,
+    started_by: str,
+    run_id: str | None = None,
+    run_name: str | None = None,
+    extra_metrics: dict | None = None,
+) -> str:
+    """Log this pipeline execution into run `run_id` (or a new run): params, every metric the stages wrote,
+    the loss curve, the adapter, charts and model card, and lineage tags (git, dvc.lock hashes, test-set
+    hash, library versions). A run this call created is ended here; an adopted one stays open for its
+    owner. Returns the run id."""
+    client = client_for(paths, params)
+    created = run_id is None
+    if created:
+        run_id = start_pipeline_run(paths, params, started_by, run_name)
+    try:
+        log_execution(client, run_id, paths, params, extra_metrics or {})
+    except Exception:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    if created:
+        client.set_terminated(run_id, status="FINISHED")
+    return run_id
+
+
+def params_sections(params: Params) -> dict:
+    """The params sections this run was handed, as params.yaml holds them (the full text of every value that
+    the flattened MLflow params may cut at 250 characters)."""
+    import dataclasses
+
+    from stages.common.config import Undeclared
+
+    return {
+        section.name: dataclasses.asdict(getattr(params, section.name))
+        for section in dataclasses.fields(params)
+        if not isinstance(getattr(params, section.name), Undeclared)
+    }
+
+
+def log_execution(client, run_id: str, paths: Paths, params: Params, extra_metrics: dict) -> None:
+    tags = {**git_tags(paths.root), **dvc_lock_tags(paths.root)}
+    test_hash = test_set_hash(paths)
+    if test_hash:
+        tags[TEST_HASH_TAG] = test_hash
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    for key, value in flatten(params).items():
+        client.log_param(run_id, key, str(value)[:MAX_PARAM_LENGTH])
+    values = dict(extra_metrics)
+    for location in METRIC_FILES:
+        path = location.at(paths)
+        if path.is_file():
+            values.update(numeric_leaves(read_json(path), f"{path.stem}."))
+    log_metrics(client, run_id, values)
+    log_step_metrics(client, run_id, loss_history(paths.loss_plot))
+    client.log_text(run_id, yaml.safe_dump(params_sections(params), sort_keys=False), "params.yaml")
+    if paths.adapter.is_dir():
+        client.log_artifacts(run_id, str(paths.adapter), "adapter")
+    for chart in CHARTS:
+        if chart.at(paths).is_file():
+            client.log_artifact(run_id, str(chart.at(paths)), "plots")
+    for file in (paths.export / "README.md", paths.predictions, paths.root / "dvc.lock"):
+        if file.is_file():
+            client.log_artifact(run_id, str(file), "model_card" if file.name == "README.md" else None)

@@ -1,0 +1,1 @@
+"""train_qlora's helpers: batches, checkpoints, watching callbacks, the planner, multi-process launch."""

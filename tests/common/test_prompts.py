@@ -1,0 +1,44 @@
+import pytest
+
+from stages.common.labels import IGNORE_INDEX
+from stages.common.prompts import encode_example, truncate_prompt
+
+TEMPLATE = "How much does this cost to the nearest dollar?\n\n{text}\n\nPrice is $"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from stages.common.modeling import load_tokenizer
+
+    return load_tokenizer(tiny_model_dir)
+
+
+def test_labels_cover_only_the_completion(tokenizer):
+    encoded = encode_example(tokenizer, TEMPLATE, "A red lamp.", "42.00", max_length=128, add_eos=True)
+    labelled = [t for t, label in zip(encoded.input_ids, encoded.labels, strict=True) if label != IGNORE_INDEX]
+    assert tokenizer.decode(labelled[:-1]) == "42.00"
+    assert labelled[-1] == tokenizer.eos_token_id
+    prompt_part = [t for t, label in zip(encoded.input_ids, encoded.labels, strict=True) if label == IGNORE_INDEX]
+    assert tokenizer.decode(prompt_part).endswith("Price is $")
+    assert not encoded.truncated
+
+
+def test_long_description_is_cut_but_completion_and_suffix_survive(tokenizer):
+    text = "A very long description of a silver kettle. " * 40
+    encoded = encode_example(tokenizer, TEMPLATE, text, "123.00", max_length=90, add_eos=False)
+    assert encoded.truncated and len(encoded.input_ids) <= 90
+    labelled = [t for t, label in zip(encoded.input_ids, encoded.labels, strict=True) if label != IGNORE_INDEX]
+    assert tokenizer.decode(labelled) == "123.00"
+    assert "Price is $" in tokenizer.decode(encoded.input_ids)
+
+
+def test_generation_prompt_is_cut_to_fit(tokenizer):
+    prompt = truncate_prompt(tokenizer, TEMPLATE, "A green drill with many parts. " * 50, 80)
+    assert prompt.endswith("Price is $")
+    assert len(tokenizer(prompt)["input_ids"]) <= 80
+
+
+def test_template_longer_than_max_length_keeps_its_ending(tokenizer):
+    encoded = encode_example(tokenizer, TEMPLATE, "A lamp.", "7.00", max_length=20, add_eos=False)
+    assert len(encoded.input_ids) == 20
+    assert tokenizer.decode(encoded.input_ids).endswith("Price is $7.00")
