@@ -53,7 +53,7 @@ from stages.common.config import Params, load_params
 from stages.common.errors import TRANSIENT_EXIT
 from stages.common.io import read_json
 from stages.common.paths import Paths
-from stages.common.report import comparison_markdown, comparison_table, data_markdown
+from stages.common.report import comparison_markdown, comparison_table, data_markdown, promotion_markdown
 from stages.tracking.runs import log_metrics, start_pipeline_run
 from stages.tracking.store import client_for, is_server, require_server, shown_uri, tracking_uri
 
@@ -166,14 +166,6 @@ def mlflow_hint(uri: str, run_id: str, experiment_id: str) -> str:
     return f"MLflow run `{run_id}` in `{uri}`: `mlflow ui --backend-store-uri {uri}`, then http://127.0.0.1:5000/{page}"
 
 
-def promotion_lines(record: dict) -> str:
-    name, version = record["registered_model"], record["version"]
-    if record.get("new_version") is False:
-        return f"No new version of `{name}`: {record['reason']}."
-    verdict = "**promoted to `champion`**" if record["promoted"] else f"**not promoted** (alias `{record['alias']}`)"
-    return f"`{name}` version {version}: {verdict}. Why: {record['reason']}."
-
-
 def timings(stage_seconds: dict[str, float]) -> str:
     return ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in stage_seconds.items())
 
@@ -181,7 +173,7 @@ def timings(stage_seconds: dict[str, float]) -> str:
 def trained_report(metrics: dict, record: dict, data: dict, changes: str, hint: str, stage_seconds: dict) -> str:
     return (
         f"# Retrain report: retrained\n\n## Comparison on the test set\n\n{comparison_markdown(metrics)}\n\n"
-        f"## Promotion\n\n{promotion_lines(record)}\n\n{hint}\n\n## Data\n\n{data_markdown(data)}\n\n"
+        f"## Promotion\n\n{promotion_markdown(record)}\n\n{hint}\n\n## Data\n\n{data_markdown(data)}\n\n"
         f"## What changed\n\n```\n{changes}\n```\n\nStage times (dvc repro, skips included): {timings(stage_seconds)}\n"
     )
 
@@ -297,7 +289,7 @@ def retrain_changed(paths: Paths, params: Params, changes: str, target: tuple[st
         metrics["champion"] = record["previous_champion"]
     data = read_json(paths.data_metrics)
     print(
-        f"\n{comparison_table(metrics)}\n\n{promotion_lines(record)}\n"
+        f"\n{comparison_table(metrics)}\n\n{promotion_markdown(record)}\n"
         f"stage times (dvc repro, skips included): {timings(stage_seconds)}\n{hint}"
     )
     shared = share_outputs(paths, params, target)

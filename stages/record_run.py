@@ -7,7 +7,10 @@ whether it was started by the Prefect flow, `dvc repro` or `dvc exp run`:
 - params, the stages' metrics, the loss curve, the adapter, charts, predictions, model card, dvc.lock, and
   lineage tags (stages/tracking/runs.py);
 - a registry version of `tracking.registered_model` for a new adapter (identical adapter bytes reuse
-  their version), which takes `champion` or `challenger` by the rule in stages/tracking/registry.py.
+  their version), which takes `champion` or `challenger` by the paired rule in stages/tracking/gate.py,
+  comparing its per-item test results with the champion's (stages/tracking/registry.py);
+- the decision in words and numbers on the run and the version (tags, description) and in the run's copy of
+  the model card.
 It reads what the other stages wrote and every params section but `flow` (all of them are recorded), and
 writes the run record: run id, store, version, alias, the reason, and the previous champion's metrics for
 the report. Inputs and outputs: `SPEC` below.
@@ -18,21 +21,28 @@ Run: `python -m stages.record_run` (or `dvc repro record_run`).
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from stages.common.cli import run_stage
-from stages.common.config import Params
+from stages.common.config import PRICE, Params
 from stages.common.errors import StageError
-from stages.common.io import read_json, write_json
+from stages.common.io import read_json, read_jsonl, write_json
 from stages.common.paths import Paths
+from stages.common.report import promotion_markdown
 from stages.common.spec import StageSpec
-from stages.tracking.registry import register_adapter
+from stages.tracking.registry import Rescore, register_adapter
 from stages.tracking.runs import CHARTS, METRIC_FILES, RECORDED, champion_metrics, record_pipeline_run, test_set_hash
 from stages.tracking.store import client_for, shown_uri, tracking_uri
 
 RECORDED_PARAMS = ("base_model", "data", "prompt", "quantization", "lora", "train", "evaluate", "export", "tracking")
+# The base model and the test split: to re-score a champion registered without per-item results.
 SPEC = StageSpec(
-    "record_run", params=RECORDED_PARAMS, reads=(*METRIC_FILES, *CHARTS, *RECORDED), writes=(Paths.run_record,)
+    "record_run",
+    params=RECORDED_PARAMS,
+    reads=(*METRIC_FILES, *CHARTS, *RECORDED, Paths.base_model, Paths.test_split),
+    writes=(Paths.run_record,),
 )
 
 
@@ -51,9 +61,33 @@ def how_started() -> tuple[str, dict[str, str]]:
     return started_by, ({"dvc.exp_name": experiment} if experiment else {})
 
 
+def rescorer(params: Params, paths: Paths, client) -> Rescore:
+    """How to re-score a champion registered without per-item results: download the adapter logged in its run
+    and score it on this workspace's test split as evaluate_adapter does; None without base or test split."""
+
+    def rescore(run_id: str) -> list[dict] | None:
+        if not (paths.base_model / "config.json").is_file() or not paths.split("test").is_file():
+            return None
+        from stages.evaluate_adapter import adapter_rows
+
+        with tempfile.TemporaryDirectory(prefix="champion-") as folder:
+            return adapter_rows(params, paths, Path(client.download_artifacts(run_id, "adapter", folder)))
+
+    return rescore
+
+
+def log_card_with_decision(client, run_id: str, paths: Paths, record: dict) -> None:
+    """The run's copy of the model card (model_card/README.md), with the promotion decision added: export_hub
+    wrote the card before the gate ran, so the exported one (and the Hub's) cannot say it."""
+    card = paths.export / "README.md"
+    if card.is_file():
+        text = f"{card.read_text(encoding='utf-8').rstrip()}\n\n## Promotion\n\n{promotion_markdown(record)}\n"
+        client.log_text(run_id, text, "model_card/README.md")
+
+
 def run(params: Params, paths: Paths) -> Result:
     """Record the execution, register the adapter and decide its alias; write reports/mlflow_run.json."""
-    for needed in (paths.adapter / "adapter_config.json", paths.eval_metrics, paths.data_metrics):
+    for needed in (paths.adapter / "adapter_config.json", paths.eval_metrics, paths.data_metrics, paths.predictions):
         if not needed.is_file():
             raise StageError(f"{needed}: missing; run the stages before record_run (`dvc repro`)")
     started_by, extra_tags = how_started()
@@ -62,24 +96,23 @@ def run(params: Params, paths: Paths) -> Result:
     client = client_for(paths, params)
     for key, value in extra_tags.items():
         client.set_tag(run_id, key, value)
-    try:
-        decision = register_adapter(
-            client, params.tracking, run_id, paths.adapter, read_json(paths.eval_metrics), test_set_hash(paths)
-        )
-    except KeyError as exc:
-        raise StageError(exc.args[0]) from exc
-    write_json(
-        paths.run_record,
-        {
-            "run_id": run_id,
-            "tracking_uri": shown_uri(tracking_uri(paths, params)),
-            "registered_model": params.tracking.registered_model,
-            "started_by": started_by,
-            **extra_tags,
-            **decision,
-            "previous_champion": previous_champion,
-        },
-    )
+    shape = read_json(paths.eval_metrics).get("shape", PRICE)
+    rows = read_jsonl(paths.predictions)
+    decision = register_adapter(
+        client, params.tracking, run_id, paths.adapter, shape, rows, test_set_hash(paths),
+        rescorer(params, paths, client),
+    )  # fmt: skip
+    record = {
+        "run_id": run_id,
+        "tracking_uri": shown_uri(tracking_uri(paths, params)),
+        "registered_model": params.tracking.registered_model,
+        "started_by": started_by,
+        **extra_tags,
+        **decision,
+        "previous_champion": previous_champion,
+    }
+    log_card_with_decision(client, run_id, paths, record)
+    write_json(paths.run_record, record)
     verdict = "promoted to champion" if decision["promoted"] else f"alias {decision['alias'] or 'unchanged'}"
     print(f"MLflow run {run_id}; {params.tracking.registered_model} v{decision['version']}: {verdict}")
     print(f"  why: {decision['reason']}")

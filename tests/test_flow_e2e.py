@@ -68,7 +68,8 @@ def test_mlflow_holds_the_run_with_metrics_artifacts_and_lineage(flow_project):
     assert data.tags["dvc.dep.split_data.data/raw"] and data.tags["registry.version"] == "1"
     record = json.loads((root / "reports" / "mlflow_run.json").read_text())
     assert record["run_id"] == mlflow_run.info.run_id and record["started_by"] == "prefect"
-    assert data.tags["promotion.alias"] == record["alias"] == expected_alias(evaluation, None)
+    assert data.tags["promotion.alias"] == record["alias"] == expected_alias(root)
+    assert data.tags["eval.per_item"] == "eval/predictions.jsonl" and data.tags["promotion.n_items"] == "12"
     head = run(["git", "rev-parse", "HEAD"], root, env).stdout.strip()
     assert data.tags["git.commit"] == head and data.tags["started_by"] == "prefect"
     lock = yaml.safe_load((root / "dvc.lock").read_text())
@@ -146,24 +147,30 @@ def test_split_seed_change_invalidates_from_split_on(flow_project):
     assert stages_to_rerun(root, env, "data", "seed", 8) == ALL_STAGES - {"base_model"}
 
 
-def expected_alias(evaluation: dict, champion) -> str:
-    """What the promotion rule says for these metrics (the gate's own tests pin the rule itself)."""
-    from stages.tracking.registry import Gate, decide
+def expected_alias(root: Path) -> str:
+    """What the promotion rule says for this workspace's predictions with no champion yet (the gate's own tests
+    pin the rule itself)."""
+    from stages.common.io import read_jsonl
+    from stages.tracking.gate import Gate, Items, decide
 
-    gate = Gate("avg_error", greater_is_better=False, min_improvement=0.0)
-    test_hash = "same"
-    return decide(
-        gate, evaluation["adapter"]["avg_error"], evaluation["base_zero_shot"]["avg_error"], champion, test_hash
-    ).alias
+    rows = read_jsonl(root / "eval" / "predictions.jsonl")
+    adapter, base = Items.from_rows(rows, "adapter"), Items.from_rows(rows, "base_zero_shot")
+    return decide(Gate("avg_error", greater_is_better=False), adapter, None, base, "same").alias
 
 
 def make_version_1_a_poor_champion(root: Path):
     """The tiny model's adapter ties with the base model (neither writes a number yet), so version 1 was a
-    challenger. Make it a poor champion by hand, as a user promoting it would, for a new one to beat."""
+    challenger. Make it the champion by hand, as a user promoting it would, with per-item results $1,000,000
+    off on every item, for a new version to beat."""
+    from stages.common.io import read_jsonl
+    from stages.tracking.registry import PER_ITEM_ARTIFACT
+
     client = mlflow_client(root)
     first_version = client.get_model_version("qlora-price-adapter", "1")
     client.set_registered_model_alias("qlora-price-adapter", "champion", "1")
-    client.log_metric(first_version.run_id, "eval.adapter.avg_error", 1.0e9)
+    rows = read_jsonl(root / "eval" / "predictions.jsonl")
+    poor = "".join(json.dumps({**row, "adapter_prediction": row["truth"] + 1e6}) + "\n" for row in rows)
+    client.log_text(first_version.run_id, poor, PER_ITEM_ARTIFACT)
     return client
 
 
@@ -220,12 +227,30 @@ def test_a_second_flow_on_a_busy_workspace_stops_and_the_first_finishes(workspac
     assert len(all_runs(root)) == 2 and all(r.info.status == "FINISHED" for r in all_runs(root))
 
     record = json.loads((root / "reports" / "mlflow_run.json").read_text())
-    assert record["version"] == "2" and record["promoted"] and "for champion v1: better by" in record["reason"]
+    assert record["version"] == "2" and record["promoted"] and "for champion v1: better by $" in record["reason"]
+    assert record["comparison"]["n_items"] == 12 and record["comparison"]["interval_low"] > 0
     assert str(client.get_model_version_by_alias("qlora-price-adapter", "champion").version) == "2"
     assert "current champion (MLflow)" in output and record["reason"] in output  # the table and the verdict
     report = latest_report(env)
     assert "Retrain report: retrained" in report and "promoted to `champion`" in report and record["run_id"] in report
     assert "| split | rows | sha256 |" in report  # the data report
+
+
+def test_a_retrain_that_differs_only_by_its_seed_keeps_the_champion(workspace_copy):
+    root, env = workspace_copy
+    client = mlflow_client(root)
+    client.set_registered_model_alias("qlora-price-adapter", "champion", "1")  # the first run's own results
+    set_param(root, "train", "seed", 43)  # same data and settings: any difference is the seed's noise
+    done = flow(root, env)
+    output = done.stdout + done.stderr
+    record = json.loads((root / "reports" / "mlflow_run.json").read_text())
+    assert record["version"] == "2" and not record["promoted"] and record["alias"] == "challenger"
+    assert str(client.get_model_version_by_alias("qlora-price-adapter", "champion").version) == "1"
+    c = record["comparison"]
+    assert c["against"] == "champion v1" and c["n_items"] == 12 and c["interval_low"] <= 0
+    assert record["reason"] in output
+    report = latest_report(env)
+    assert "**not promoted** (alias `challenger`)" in report and "95% paired interval" in report
 
 
 def test_new_rows_retrain_from_the_split_and_register_a_version(workspace_copy):

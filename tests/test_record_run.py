@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,13 @@ EVALUATION = {
     "adapter": {"avg_error": 40.0, "rmsle": 0.3, "hit_rate": 0.5, "unparsed": 0},
     "base_zero_shot": {"avg_error": 400.0, "rmsle": 3.0, "hit_rate": 0.0, "unparsed": 0},
 }
+
+
+PREDICTIONS = [
+    {"text": f"item {i}", "truth": 100.0 + 10 * i, "adapter_output": "", "adapter_prediction": 140.0 + 10 * i,
+     "band": "green", "base_output": "", "base_prediction": 500.0 + 10 * i}
+    for i in range(12)
+]  # the adapter $40 off on every item, the base model $400: the metrics in EVALUATION  # fmt: skip
 
 
 @pytest.fixture
@@ -31,6 +39,10 @@ def finished_project(tmp_path, monkeypatch):
     paths.data_metrics.write_text(json.dumps({"rows_in": 90, "test": {"rows": 12, "sha256": "c" * 64}}))
     paths.loss_plot.parent.mkdir()
     paths.loss_plot.write_text("step,train_loss,val_loss\n2,3.0,\n4,2.5,2.7\n")
+    paths.predictions.parent.mkdir()
+    paths.predictions.write_text("".join(json.dumps(row) + "\n" for row in PREDICTIONS))
+    paths.export.mkdir()
+    (paths.export / "README.md").write_text("# price-adapter\n\nThe card export_hub wrote.\n")
     monkeypatch.chdir(tmp_path)
     return paths
 
@@ -45,12 +57,29 @@ def test_dvc_repro_alone_gets_its_own_run_and_a_champion(finished_project, capsy
     assert record_run.main([]) == 0
     record = json.loads(finished_project.run_record.read_text())
     assert record["started_by"] == "dvc repro" and record["promoted"] and record["version"] == "1"
-    assert "better by 360" in capsys.readouterr().out
+    assert "better by $360 [$360, $360] over 12 items: shown at 95%" in capsys.readouterr().out
     run = client_of(finished_project).get_run(record["run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["started_by"] == "dvc repro"
     assert run.data.metrics["eval.adapter.avg_error"] == 40.0 and run.data.tags["data.test_sha256"] == "c" * 64
     assert run.data.tags["lib.torch"] and run.data.tags["promotion.alias"] == "champion"
     assert [m.value for m in client_of(finished_project).get_metric_history(record["run_id"], "val_loss")] == [2.7]
+
+
+def test_the_decision_is_in_the_record_the_tags_the_version_and_the_runs_model_card(finished_project):
+    assert record_run.main([]) == 0
+    record = json.loads(finished_project.run_record.read_text())
+    c = record["comparison"]
+    assert c["against"] == "the base model zero-shot (no champion yet)" and c["n_items"] == 12
+    assert c["improvement"] == c["interval_low"] == c["interval_high"] == 360.0 and c["confidence"] == 0.95
+    client = client_of(finished_project)
+    tags = client.get_run(record["run_id"]).data.tags
+    assert tags["promotion.interval"] == "[360, 360]" and tags["promotion.n_items"] == "12"
+    version = client.get_model_version("qlora-price-adapter", "1")
+    assert version.description == record["reason"] and version.tags["promotion.improvement"] == "360"
+    card = client.download_artifacts(record["run_id"], "model_card/README.md", str(finished_project.root / "back"))
+    text = Path(card).read_text()
+    assert text.startswith("# price-adapter") and "## Promotion" in text and record["reason"] in text
+    assert "| avg_error | 40 | 400 | 360 | [360, 360] | 12 | interval above 0 |" in text
 
 
 def test_record_run_reads_every_params_section_it_declares(finished_project):

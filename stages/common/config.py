@@ -33,6 +33,19 @@ OPTIMIZERS = ("auto", "adamw_torch", "adamw_bnb_8bit", "paged_adamw_32bit", "pag
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 LAUNCHERS = ("single", "accelerate")  # train_qlora in this process, or under `accelerate launch`
 MERGE_TARGETS = ("dequantized", "unquantized")
+# The metrics the promotion gate can decide on: {name: (the data shapes they score, greater is better)}.
+# stages/tracking/gate.py computes each from per-item results; "auto" is avg_error for prices, loss otherwise.
+TEXT_SHAPES = (PAIR, CHAT)
+PRIMARY_METRICS = {
+    "avg_error": ((PRICE,), False),
+    "rmsle": ((PRICE,), False),
+    "hit_rate": ((PRICE,), True),
+    "mse": ((PRICE,), False),
+    "r2": ((PRICE,), True),
+    "loss": (TEXT_SHAPES, False),
+    "perplexity": (TEXT_SHAPES, False),
+    "exact_match": (TEXT_SHAPES, True),
+}
 
 
 def one_of(default, choices: tuple):
@@ -71,9 +84,11 @@ def _range_problem(value, meta: dict) -> str | None:
         upper = f" and below {meta['below']}" if "below" in meta else ""
         return f"{alternative}a number of at least {meta['low']}{upper}"
     if "below" in meta and value >= meta["below"]:
-        return f"a number of at least {meta['low']} and below {meta['below']}"
+        lower = f"above {meta['above']}" if "above" in meta else f"of at least {meta['low']}"
+        return f"a number {lower} and below {meta['below']}"
     if "above" in meta and value <= meta["above"]:
-        return f"a number above {meta['above']}"
+        upper = f" and below {meta['below']}" if "below" in meta else ""
+        return f"a number above {meta['above']}{upper}"
     return None
 
 
@@ -261,9 +276,10 @@ class TrackingConfig(Section):
     experiment: str = "qlora-price"
     registered_model: str = "qlora-price-adapter"  # MLflow registry name; its `champion` alias is compared
     tracking_uri: str | None = None  # default: sqlite:///<project root>/mlflow.db
-    primary_metric: str = "auto"  # key of the adapter's row in metrics/eval.json that decides promotion
-    greater_is_better: bool = False
-    min_improvement: float = at_least(0.0, 0)  # in the metric's units: a challenger must beat the champion by more
+    primary_metric: str = one_of("auto", ("auto", *PRIMARY_METRICS))  # the metric that decides promotion
+    min_improvement: float = at_least(0.0, 0)  # in the metric's units: the whole interval must be better by more
+    confidence: float = field(default=0.95, metadata={"above": 0.5, "below": 1})  # of the paired interval
+    bootstrap_samples: int = at_least(2000, 100)  # resamples of the test items for that interval
 
 
 @dataclass(frozen=True)
@@ -389,7 +405,20 @@ def params_from_dict(raw: dict) -> Params:
     unknown = sorted(set(raw) - set(hints))
     if unknown:
         raise ConfigError(f"params.yaml: unknown section(s) {unknown}; known sections are {sorted(hints)}")
-    return Params(**{name: section_from_dict(cls, raw.get(name), name) for name, cls in hints.items()})
+    params = Params(**{name: section_from_dict(cls, raw.get(name), name) for name, cls in hints.items()})
+    check_across_sections(params)
+    return params
+
+
+def check_across_sections(params: Params) -> None:
+    """Rules that tie two sections together; ConfigError naming the key."""
+    metric, shape = params.tracking.primary_metric, params.data.shape
+    if metric != "auto" and shape not in PRIMARY_METRICS[metric][0]:
+        fitting = [name for name, (shapes, _) in PRIMARY_METRICS.items() if shape in shapes]
+        raise ConfigError(
+            f"tracking.primary_metric: {metric!r} does not score {shape} data (data.shape); "
+            f"expected auto or one of {fitting}"
+        )
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -1,4 +1,5 @@
-"""The comparison table people read at the end of a run: adapter vs base zero-shot vs mean price.
+"""What people read at the end of a run: the comparison table (adapter vs base zero-shot vs baselines), the data
+summary and the promotion decision, as plain text for the console and as Markdown for reports and cards.
 
 For prompt/completion and chat data (metrics/eval.json with a "shape" other than "price") the columns
 are the test loss per completion token, its perplexity and the exact-match rate instead.
@@ -13,6 +14,7 @@ ROWS = (
     ("adapter", "fine-tuned adapter"),
     ("adapter_topk", "adapter, top-k estimate"),
     ("base_zero_shot", "base model, zero-shot"),
+    ("tfidf_ridge", "TF-IDF ridge regression"),
     ("mean_baseline", "constant mean price"),
     ("champion", "current champion (MLflow)"),
 )
@@ -105,3 +107,23 @@ def data_markdown(data: dict) -> str:
     lines += ["", "| split | rows | sha256 |", "|---|---:|---|"]
     lines += [f"| {name} | {data[name]['n']:,} | `{data[name]['sha256']}` |" for name in ("train", "val", "test")]
     return "\n".join(lines)
+
+
+def promotion_markdown(record: dict) -> str:
+    """The promotion decision in reports/mlflow_run.json (record_run's record) as Markdown: the verdict, the
+    reason in words, and the paired comparison's numbers when there was one."""
+    name, version = record["registered_model"], record["version"]
+    if record.get("new_version") is False:
+        return f"No new version of `{name}`: {record['reason']}."
+    verdict = "**promoted to `champion`**" if record["promoted"] else f"**not promoted** (alias `{record['alias']}`)"
+    text = f"`{name}` version {version}: {verdict}.\n\n{record['reason']}."
+    c = record.get("comparison")
+    if not c:
+        return text
+    level = f"{c['confidence']:.0%}"
+    return (
+        f"{text}\n\n| metric | candidate | {c['against']} | improvement | {level} paired interval | items | "
+        f"required |\n|---|---:|---:|---:|---:|---:|---:|\n| {c['metric']} | {c['candidate']:,.4g} | "
+        f"{c['reference']:,.4g} | {c['improvement']:,.4g} | [{c['interval_low']:,.4g}, {c['interval_high']:,.4g}] | "
+        f"{c['n_items']} | interval above {c['min_improvement']:g} |"
+    )

@@ -1,12 +1,13 @@
-"""The MLflow model registry: one version per new adapter, and the promotion gate for the `champion` alias.
+"""The MLflow model registry: one version per new adapter, its per-item results, and the promotion gate.
 
-`decide(gate, candidate, base, champion)` is the rule, with no MLflow in it: a new version becomes
-champion only when its primary metric beats the current champion's, measured on the same test set (same
-sha256), by more than `tracking.min_improvement`; with no champion yet, it must beat the base model
-zero-shot. Anything else makes it a `challenger`, with the reason in words.
-`register_adapter(client, ...)` applies it: it registers the adapter logged in a run (or finds the version
-that already holds the same adapter bytes), moves or keeps the aliases, and tags version and run with the
-decision. Load the champion back with:
+`register_adapter(client, ...)` registers the adapter logged in a run (or finds the version that already holds
+the same adapter bytes), fetches the current champion's per-item results, applies the rule in
+stages/tracking/gate.py, moves or keeps the aliases, and tags version and run with the decision in words and
+numbers. Every version carries its per-item test results (the run's `eval/predictions.jsonl`, named by the
+`eval.per_item` tag), so a later candidate is compared with it item by item without re-running it. A champion
+registered before that (no per-item results, or results missing a field the metric needs) is re-scored from
+its logged adapter when the caller can (`rescore`), or the gate says it cannot compare and does not promote;
+nothing in the registry is changed for it. Load the champion back with:
 
     mlflow.artifacts.download_artifacts("models:/qlora-price-adapter@champion")  # -> a PEFT adapter folder
 """
@@ -15,97 +16,24 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
-from dataclasses import asdict, dataclass
+import json
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
-from stages.common.config import TrackingConfig
+from stages.common.errors import StageError
+from stages.common.paths import Paths
+from stages.tracking.gate import Champion, Decision, Gate, Items, decide
 
-CHAMPION = "champion"
-CHALLENGER = "challenger"
 TEST_HASH_TAG = "data.test_sha256"
 ADAPTER_HASH_TAG = "adapter.sha256"
+PER_ITEM_TAG = "eval.per_item"  # the run artifact holding the version's per-item test results
+PER_ITEM_ARTIFACT = Paths.predictions.relative  # logged under its path in the workspace
+LEGACY_PER_ITEM_ARTIFACT = "predictions.jsonl"  # where runs recorded before the tag logged them
 
-
-@dataclass(frozen=True)
-class Gate:
-    """Which metric decides, in which direction, and by how much a challenger must win."""
-
-    metric: str
-    greater_is_better: bool
-    min_improvement: float
-
-    @classmethod
-    def from_params(cls, cfg: TrackingConfig, evaluation: dict) -> Gate:
-        """The gate for `tracking`; `primary_metric: auto` is avg_error for prices and the test loss for
-        prompt/completion and chat data (metrics/eval.json's "shape"), both lower is better."""
-        if cfg.primary_metric != "auto":
-            return cls(cfg.primary_metric, cfg.greater_is_better, cfg.min_improvement)
-        metric = "avg_error" if evaluation.get("shape", "price") == "price" else "loss"
-        return cls(metric, greater_is_better=False, min_improvement=cfg.min_improvement)
-
-    def improvement(self, new: float, old: float) -> float:
-        """How much `new` is better than `old` (negative when worse)."""
-        return new - old if self.greater_is_better else old - new
-
-
-@dataclass(frozen=True)
-class Champion:
-    """The version holding the `champion` alias: its number, primary metric and test-set hash."""
-
-    version: str
-    value: float | None
-    test_sha256: str | None
-
-
-@dataclass(frozen=True)
-class Decision:
-    alias: str  # CHAMPION or CHALLENGER
-    reason: str
-    candidate: float
-    reference: float | None  # the champion's (or, with no champion, the base model's) value
-
-    @property
-    def promoted(self) -> bool:
-        return self.alias == CHAMPION
-
-
-def decide(gate: Gate, candidate: float, base: float | None, champion: Champion | None, test_sha256: str) -> Decision:
-    """The alias a new version gets and why. `candidate` and `base` are the primary metric of the new
-    adapter and of the base model zero-shot on the test set with hash `test_sha256`."""
-    name = gate.metric
-    if not math.isfinite(candidate):
-        return Decision(CHALLENGER, f"{name} is {candidate}: nothing to compare", candidate, None)
-    if champion is None:
-        if base is None or not math.isfinite(base):
-            return Decision(CHALLENGER, f"no champion yet and no base-model {name} to beat", candidate, base)
-        return _compare(gate, candidate, base, "the base model zero-shot (no champion yet)")
-    if champion.test_sha256 != test_sha256:
-        return Decision(
-            CHALLENGER,
-            f"champion v{champion.version} was scored on another test set "
-            f"({(champion.test_sha256 or 'unknown')[:12]} vs {test_sha256[:12]}): no comparison possible, "
-            "so no promotion; re-evaluate it on this test set or promote by hand",
-            candidate,
-            champion.value,
-        )
-    if champion.value is None or not math.isfinite(champion.value):
-        return Decision(CHALLENGER, f"champion v{champion.version} has no {name} to compare", candidate, None)
-    return _compare(gate, candidate, champion.value, f"champion v{champion.version}")
-
-
-def _compare(gate: Gate, candidate: float, reference: float, against: str) -> Decision:
-    gained = gate.improvement(candidate, reference)
-    summary = f"{gate.metric} {candidate:,.4g} vs {reference:,.4g} for {against}"
-    if gained > gate.min_improvement:
-        return Decision(CHAMPION, f"{summary}: better by {gained:,.4g}", candidate, reference)
-    if gained > 0:
-        why = f"better by only {gained:,.4g}, not more than tracking.min_improvement={gate.min_improvement:g}"
-    elif gained == 0:
-        why = "equal, not better"
-    else:
-        why = f"worse by {-gained:,.4g}"
-    return Decision(CHALLENGER, f"{summary}: {why}", candidate, reference)
+# Re-scores a champion without usable per-item results: (run id of its version) -> prediction rows, or None
+# when the base model or the test split is not at hand.
+Rescore = Callable[[str], list[dict] | None]
 
 
 def adapter_sha256(folder: Path) -> str:
@@ -122,23 +50,57 @@ def champion_run(client, model_name: str):
     from mlflow.exceptions import MlflowException
 
     try:
-        version = client.get_model_version_by_alias(model_name, CHAMPION)
+        version = client.get_model_version_by_alias(model_name, "champion")
     except MlflowException:
         return None  # no registered model yet, or no champion
     return version, client.get_run(version.run_id)
 
 
-def current_champion(client, model_name: str, metric: str) -> Champion | None:
-    """The version holding `champion`, with the metric and test hash of the run that scored it."""
+def logged_rows(client, run) -> list[dict] | None:
+    """The per-item test results logged with `run`, or None when it has none."""
+    from mlflow.exceptions import MlflowException
+
+    path = run.data.tags.get(PER_ITEM_TAG, LEGACY_PER_ITEM_ARTIFACT)
+    with tempfile.TemporaryDirectory(prefix="per-item-") as folder:
+        try:
+            local = client.download_artifacts(run.info.run_id, path, folder)
+        except (MlflowException, OSError):
+            return None
+        text = Path(local).read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def champion_items(rows: list[dict] | None, metric: str) -> tuple[Items | None, str]:
+    """(the champion's items, or None with why) from its prediction rows."""
+    if rows is None:
+        return None, "no per-item results logged with it"
+    try:
+        items = Items.from_rows(rows, "adapter")
+    except KeyError as exc:
+        return None, f"its logged per-item results have no {exc.args[0]!r} field"
+    problem = items.problem(metric)
+    return (None, f"its logged per-item results have {problem}") if problem else (items, "")
+
+
+def current_champion(
+    client, model_name: str, metric: str, test_sha256: str | None, rescore: Rescore | None = None
+) -> Champion | None:
+    """The version holding `champion`, its test-set hash and its per-item results: logged ones, else, when it
+    was scored on this test set (`test_sha256`), re-scored with `rescore` where possible, else none (with why)."""
     found = champion_run(client, model_name)
     if found is None:
         return None
     version, run = found
-    return Champion(
-        version=str(version.version),
-        value=run.data.metrics.get(f"eval.adapter.{metric}"),
-        test_sha256=run.data.tags.get(TEST_HASH_TAG),
-    )
+    items, missing = champion_items(logged_rows(client, run), metric)
+    if items is None and rescore is not None and run.data.tags.get(TEST_HASH_TAG) == test_sha256:
+        rows = rescore(run.info.run_id)
+        if rows is None:
+            missing += "; re-scoring it needs the base model and the test split here"
+        else:
+            items, why = champion_items(rows, metric)
+            missing = f"{missing}; re-scored from its logged adapter" if items else f"{missing}; re-scored: {why}"
+            print(f"champion v{version.version}: {missing}")
+    return Champion(str(version.version), run.data.tags.get(TEST_HASH_TAG), items, missing)
 
 
 def find_version(client, model_name: str, sha256: str):
@@ -149,23 +111,42 @@ def find_version(client, model_name: str, sha256: str):
     return None
 
 
-def register_adapter(
-    client, cfg: TrackingConfig, run_id: str, adapter_dir: Path, evaluation: dict, test_sha256: str
-) -> dict:
-    """Register the adapter logged under `adapter` in run `run_id` and apply the promotion gate.
+def decision_tags(decision: Decision) -> dict[str, str]:
+    """The decision as tags (run and version): the alias, the reason, and the comparison's numbers."""
+    tags = {
+        "promotion.alias": decision.alias,
+        "promotion.promoted": str(decision.promoted),
+        "promotion.reason": decision.reason,
+    }
+    c = decision.comparison
+    if c is not None:
+        tags.update({
+            "promotion.metric": c.metric, "promotion.against": c.against,
+            "promotion.improvement": f"{c.improvement:.6g}", "promotion.interval": f"[{c.low:.6g}, {c.high:.6g}]",
+            "promotion.n_items": str(c.n_items), "promotion.confidence": f"{c.confidence:g}",
+            "promotion.min_improvement": f"{c.min_improvement:g}",
+        })  # fmt: skip
+    return tags
 
-    `evaluation` is metrics/eval.json (rows `adapter` and `base_zero_shot`). Returns a record:
-    version, alias, promoted, reason, new_version (False when these adapter bytes were registered before).
+
+def register_adapter(
+    client,
+    cfg,
+    run_id: str,
+    adapter_dir: Path,
+    shape: str,
+    rows: list[dict],
+    test_sha256: str | None,
+    rescore: Rescore | None = None,
+) -> dict:
+    """Register the adapter logged under `adapter` in run `run_id` and apply the promotion gate of params
+    `tracking` (`cfg`) to its per-item test results `rows` (eval/predictions.jsonl of data `shape`).
+
+    Returns a record: version, new_version (False when these adapter bytes were registered before), alias,
+    promoted, reason, and the comparison's numbers (None when nothing could be compared).
     """
     from mlflow.exceptions import MlflowException
 
-    gate = Gate.from_params(cfg, evaluation)
-    adapter_row = evaluation.get("adapter") or {}
-    if gate.metric not in adapter_row:
-        raise KeyError(
-            f"tracking.primary_metric={gate.metric!r} is not in the adapter row of metrics/eval.json; "
-            f"choose one of {sorted(adapter_row)}"
-        )
     sha256 = adapter_sha256(adapter_dir)
     existing = find_version(client, cfg.registered_model, sha256)
     if existing is not None:
@@ -176,22 +157,43 @@ def register_adapter(
             "alias": existing.aliases[0] if existing.aliases else None,
             "promoted": False,
             "reason": f"same adapter as version {existing.version} ({aliases}); no new version registered",
+            "comparison": None,
         }
     with contextlib.suppress(MlflowException):  # it exists already
         client.create_registered_model(cfg.registered_model)
-    champion = current_champion(client, cfg.registered_model, gate.metric)
-    base = (evaluation.get("base_zero_shot") or {}).get(gate.metric)
-    decision = decide(gate, float(adapter_row[gate.metric]), base, champion, test_sha256)
-    source = f"{client.get_run(run_id).info.artifact_uri}/adapter"
+    gate = Gate.from_params(cfg, shape)
+    champion = current_champion(client, cfg.registered_model, gate.metric, test_sha256, rescore)
+    try:
+        candidate = Items.from_rows(rows, "adapter")
+    except KeyError as exc:
+        raise StageError(
+            f"{PER_ITEM_ARTIFACT}: prediction rows have no {exc.args[0]!r} field; re-run evaluate_adapter (dvc repro)"
+        ) from exc
+    decision = decide(gate, candidate, champion, base_items(rows), test_sha256)
+    tags = {ADAPTER_HASH_TAG: sha256, TEST_HASH_TAG: test_sha256 or "unknown", PER_ITEM_TAG: PER_ITEM_ARTIFACT}
     version = client.create_model_version(
         cfg.registered_model,
-        source=source,
+        source=f"{client.get_run(run_id).info.artifact_uri}/adapter",
         run_id=run_id,
-        tags={ADAPTER_HASH_TAG: sha256, TEST_HASH_TAG: test_sha256, "promotion.reason": decision.reason},
+        tags={**tags, **decision_tags(decision)},
+        description=decision.reason,
     )
     client.set_registered_model_alias(cfg.registered_model, decision.alias, version.version)
-    record = {"version": str(version.version), "new_version": True, "promoted": decision.promoted, **asdict(decision)}
-    for key in ("alias", "reason", "promoted"):
-        client.set_tag(run_id, f"promotion.{key}", str(record[key]))
-    client.set_tag(run_id, "registry.version", str(version.version))
-    return record
+    for key, value in {**decision_tags(decision), "registry.version": str(version.version)}.items():
+        client.set_tag(run_id, key, value)
+    return {
+        "version": str(version.version),
+        "new_version": True,
+        "alias": decision.alias,
+        "promoted": decision.promoted,
+        "reason": decision.reason,
+        "comparison": decision.comparison.record() if decision.comparison else None,
+    }
+
+
+def base_items(rows: list[dict]) -> Items | None:
+    """The base model zero-shot's items from the same rows (None when they lack them)."""
+    try:
+        return Items.from_rows(rows, "base_zero_shot")
+    except KeyError:
+        return None

@@ -21,7 +21,7 @@ import yaml
 from stages.common.config import Params, flatten
 from stages.common.io import read_json
 from stages.common.paths import Paths
-from stages.tracking.registry import TEST_HASH_TAG, champion_run
+from stages.tracking.registry import PER_ITEM_ARTIFACT, PER_ITEM_TAG, TEST_HASH_TAG, champion_run
 from stages.tracking.store import client_for, is_server, store_root
 
 MAX_PARAM_LENGTH = 250  # MLflow rejects longer parameter values
@@ -230,6 +230,9 @@ def log_execution(client, run_id: str, paths: Paths, params: Params, extra_metri
     for chart in CHARTS:
         if chart.at(paths).is_file():
             client.log_artifact(run_id, str(chart.at(paths)), "plots")
-    for file in (paths.export / "README.md", paths.predictions, paths.root / "dvc.lock"):
+    if paths.predictions.is_file():  # the per-item results a later candidate is compared with
+        client.log_artifact(run_id, str(paths.predictions), PER_ITEM_ARTIFACT.rsplit("/", 1)[0])
+        client.set_tag(run_id, PER_ITEM_TAG, PER_ITEM_ARTIFACT)
+    for file in (paths.export / "README.md", paths.root / "dvc.lock"):
         if file.is_file():
             client.log_artifact(run_id, str(file), "model_card" if file.name == "README.md" else None)

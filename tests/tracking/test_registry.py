@@ -1,91 +1,34 @@
-"""The promotion gate as a rule, and applied to a real MLflow registry in a temporary SQLite store."""
+"""The promotion gate applied to a real MLflow registry in a temporary SQLite store: each version's per-item
+results are logged with it and compared item by item; a champion registered without them is re-scored or
+not compared; nothing already in the registry is rewritten."""
 
 import json
-import math
 
 import pytest
 
 from stages.common.config import TrackingConfig, params_from_dict
 from stages.common.errors import ConfigError
+from stages.tracking.gate import CHALLENGER, CHAMPION
 from stages.tracking.registry import (
-    CHALLENGER,
-    CHAMPION,
+    LEGACY_PER_ITEM_ARTIFACT,
+    PER_ITEM_ARTIFACT,
+    PER_ITEM_TAG,
     TEST_HASH_TAG,
-    Champion,
-    Gate,
-    decide,
     register_adapter,
 )
 
-LOWER = Gate("avg_error", greater_is_better=False, min_improvement=5.0)
 TEST_SET = "a" * 64
+TRUTHS = [100.0 + 37 * i for i in range(60)]
+MODEL = "price-adapter"
 
 
-def champion(value, test_sha256=TEST_SET):
-    return Champion(version="3", value=value, test_sha256=test_sha256)
-
-
-def test_better_than_the_champion_by_more_than_the_margin_is_promoted():
-    decision = decide(LOWER, 80.0, base=400.0, champion=champion(100.0), test_sha256=TEST_SET)
-    assert decision.alias == CHAMPION and decision.promoted
-    assert "avg_error 80 vs 100 for champion v3: better by 20" in decision.reason
-
-
-def test_worse_than_the_champion_is_a_challenger():
-    decision = decide(LOWER, 120.0, base=400.0, champion=champion(100.0), test_sha256=TEST_SET)
-    assert decision.alias == CHALLENGER and not decision.promoted
-    assert "worse by 20" in decision.reason
-
-
-def test_equal_to_the_champion_is_a_challenger():
-    decision = decide(LOWER, 100.0, base=400.0, champion=champion(100.0), test_sha256=TEST_SET)
-    assert decision.alias == CHALLENGER and "equal, not better" in decision.reason
-
-
-def test_better_within_the_margin_is_a_challenger():
-    decision = decide(LOWER, 97.0, base=400.0, champion=champion(100.0), test_sha256=TEST_SET)
-    assert decision.alias == CHALLENGER
-    assert "better by only 3, not more than tracking.min_improvement=5" in decision.reason
-
-
-def test_with_no_champion_the_base_model_is_the_bar():
-    assert decide(LOWER, 300.0, base=400.0, champion=None, test_sha256=TEST_SET).alias == CHAMPION
-    worse = decide(LOWER, 500.0, base=400.0, champion=None, test_sha256=TEST_SET)
-    assert worse.alias == CHALLENGER and "the base model zero-shot (no champion yet)" in worse.reason
-
-
-def test_a_champion_scored_on_another_test_set_is_not_compared():
-    decision = decide(LOWER, 1.0, base=400.0, champion=champion(100.0, test_sha256="b" * 64), test_sha256=TEST_SET)
-    assert decision.alias == CHALLENGER
-    assert "another test set" in decision.reason and "no comparison possible" in decision.reason
-    assert decision.reference == 100.0
-
-
-def test_greater_is_better_flips_the_direction():
-    hit_rate = Gate("hit_rate", greater_is_better=True, min_improvement=0.0)
-    assert decide(hit_rate, 0.6, base=0.1, champion=champion(0.5), test_sha256=TEST_SET).promoted
-    assert not decide(hit_rate, 0.4, base=0.1, champion=champion(0.5), test_sha256=TEST_SET).promoted
-
-
-def test_a_missing_metric_is_never_promoted():
-    decision = decide(LOWER, math.nan, base=400.0, champion=None, test_sha256=TEST_SET)
-    assert decision.alias == CHALLENGER and "nothing to compare" in decision.reason
-
-
-def test_auto_metric_follows_the_shape_of_the_data():
-    auto = TrackingConfig(primary_metric="auto", greater_is_better=True, min_improvement=1.0)
-    assert Gate.from_params(auto, {"adapter": {}}) == Gate("avg_error", False, 1.0)
-    assert Gate.from_params(auto, {"shape": "chat", "adapter": {}}) == Gate("loss", False, 1.0)
-    explicit = TrackingConfig(primary_metric="hit_rate", greater_is_better=True)
-    assert Gate.from_params(explicit, {"adapter": {}}) == Gate("hit_rate", True, 0.0)
-
-
-def test_negative_margin_is_rejected():
-    with pytest.raises(ConfigError, match=r"tracking\.min_improvement"):
-        params_from_dict({"tracking": {"min_improvement": -1}})
-
-
-# --- against a real registry -------------------------------------------------------------------------
+def rows(error: float, base_error: float = 5000.0) -> list[dict]:
+    """Prediction rows as evaluate_adapter writes them: the adapter off by `error` on every item."""
+    return [
+        {"text": f"item {i}", "truth": t, "adapter_output": "", "adapter_prediction": t + error + (i % 5),
+         "band": "", "base_output": "", "base_prediction": t + base_error}
+        for i, t in enumerate(TRUTHS)
+    ]  # fmt: skip
 
 
 @pytest.fixture
@@ -97,44 +40,66 @@ def store(tmp_path):
     return client, experiment, tmp_path
 
 
-def logged_adapter(store, weights: bytes, avg_error: float, test_sha256: str = TEST_SET):
-    """A run holding an adapter folder and its avg_error, as record_run leaves it."""
+def logged_run(store, weights: bytes, prediction_rows: list[dict] | None, test_sha256: str, where=PER_ITEM_ARTIFACT):
+    """A run holding an adapter folder and (unless None) its per-item rows at `where`, as record_run leaves it."""
     client, experiment, tmp_path = store
     folder = tmp_path / f"adapter-{weights.hex()}"
     folder.mkdir(exist_ok=True)
     (folder / "adapter_config.json").write_text(json.dumps({"r": 4}))
     (folder / "adapter_model.safetensors").write_bytes(weights)
-    run = client.create_run(experiment, tags={TEST_HASH_TAG: test_sha256})
-    client.log_artifacts(run.info.run_id, str(folder), "adapter")
-    client.log_metric(run.info.run_id, "eval.adapter.avg_error", avg_error)
-    evaluation = {"adapter": {"avg_error": avg_error}, "base_zero_shot": {"avg_error": 500.0}}
-    return run.info.run_id, folder, evaluation
+    run_id = client.create_run(experiment, tags={TEST_HASH_TAG: test_sha256}).info.run_id
+    client.log_artifacts(run_id, str(folder), "adapter")
+    if prediction_rows is not None:
+        client.log_text(run_id, "".join(json.dumps(r) + "\n" for r in prediction_rows), where)
+        if where == PER_ITEM_ARTIFACT:
+            client.set_tag(run_id, PER_ITEM_TAG, where)
+    return run_id, folder
 
 
-def register(store, weights: bytes, avg_error: float, test_sha256: str = TEST_SET, min_improvement: float = 0.0):
-    client = store[0]
-    run_id, folder, evaluation = logged_adapter(store, weights, avg_error, test_sha256)
-    cfg = TrackingConfig(registered_model="price-adapter", min_improvement=min_improvement)
-    return register_adapter(client, cfg, run_id, folder, evaluation, test_sha256)
+def register(store, weights: bytes, error: float, test_sha256: str = TEST_SET, rescore=None, **tracking):
+    run_id, folder = logged_run(store, weights, rows(error), test_sha256)
+    cfg = TrackingConfig(registered_model=MODEL, **tracking)
+    return register_adapter(store[0], cfg, run_id, folder, "price", rows(error), test_sha256, rescore)
 
 
 def champion_version(client) -> str:
-    return str(client.get_model_version_by_alias("price-adapter", CHAMPION).version)
+    return str(client.get_model_version_by_alias(MODEL, CHAMPION).version)
 
 
-def test_registry_moves_the_champion_only_for_a_better_adapter(store):
+def test_the_champion_moves_only_for_a_shown_improvement(store):
     client = store[0]
-    first = register(store, b"one", 300.0)
+    first = register(store, b"one", 300.0)  # far better than the base model zero-shot
     assert first["version"] == "1" and first["promoted"] and champion_version(client) == "1"
+    assert "the base model zero-shot (no champion yet)" in first["reason"]
 
-    worse = register(store, b"two", 350.0)
-    assert worse["version"] == "2" and worse["alias"] == CHALLENGER and champion_version(client) == "1"
-    assert str(client.get_model_version_by_alias("price-adapter", CHALLENGER).version) == "2"
+    better = register(store, b"two", 200.0)
+    assert better["version"] == "2" and better["promoted"] and champion_version(client) == "2"
+    c = better["comparison"]
+    assert c["against"] == "champion v1" and c["improvement"] == pytest.approx(100.0)
+    assert c["n_items"] == 60 and c["interval_low"] > 0 and c["confidence"] == 0.95
 
-    better = register(store, b"three", 250.0)
-    assert better["promoted"] and champion_version(client) == "3"
-    run_tags = client.get_run(client.get_model_version("price-adapter", "3").run_id).data.tags
-    assert run_tags["promotion.alias"] == CHAMPION and run_tags["registry.version"] == "3"
+    version = client.get_model_version(MODEL, "2")
+    assert version.tags["promotion.metric"] == "avg_error" and version.tags["promotion.n_items"] == "60"
+    assert version.tags[PER_ITEM_TAG] == PER_ITEM_ARTIFACT and version.description == better["reason"]
+    run_tags = client.get_run(version.run_id).data.tags
+    assert run_tags["promotion.alias"] == CHAMPION and run_tags["registry.version"] == "2"
+    assert run_tags["promotion.interval"].startswith("[") and run_tags["promotion.reason"] == better["reason"]
+
+
+def test_a_worse_adapter_is_a_challenger_and_the_champion_is_untouched(store):
+    client = store[0]
+    register(store, b"one", 300.0)
+    before = client.get_model_version(MODEL, "1")
+    worse = register(store, b"two", 400.0)
+    assert worse["alias"] == CHALLENGER and "worse by $100" in worse["reason"] and champion_version(client) == "1"
+    after = client.get_model_version(MODEL, "1")
+    assert after.tags == before.tags and after.description == before.description  # nothing rewritten
+
+
+def test_the_margin_applies_to_the_whole_interval(store):
+    register(store, b"one", 300.0)
+    small = register(store, b"two", 290.0, min_improvement=50.0)
+    assert small["alias"] == CHALLENGER and "tracking.min_improvement=$50" in small["reason"]
 
 
 def test_the_same_adapter_bytes_are_not_registered_twice(store):
@@ -142,7 +107,7 @@ def test_the_same_adapter_bytes_are_not_registered_twice(store):
     again = register(store, b"same", 300.0)
     assert again["new_version"] is False and again["version"] == "1"
     assert "same adapter as version 1 (champion)" in again["reason"]
-    assert len(store[0].search_model_versions("name = 'price-adapter'")) == 1
+    assert len(store[0].search_model_versions(f"name = '{MODEL}'")) == 1
 
 
 def test_a_champion_from_another_test_set_keeps_its_alias(store):
@@ -152,18 +117,59 @@ def test_a_champion_from_another_test_set_keeps_its_alias(store):
     assert champion_version(store[0]) == "1"
 
 
+def old_style_champion(store, legacy_rows: list[dict] | None) -> None:
+    """A champion registered before per-item results were tagged: rows (if any) at the run's root."""
+    client = store[0]
+    run_id, _ = logged_run(store, b"old", legacy_rows, TEST_SET, where=LEGACY_PER_ITEM_ARTIFACT)
+    client.create_registered_model(MODEL)
+    version = client.create_model_version(MODEL, source=f"runs:/{run_id}/adapter", run_id=run_id)
+    client.set_registered_model_alias(MODEL, CHAMPION, version.version)
+
+
+def test_an_old_champion_with_predictions_at_the_run_root_is_compared_from_them(store):
+    old_style_champion(store, rows(300.0))
+    new = register(store, b"new", 100.0)
+    assert new["promoted"] and new["comparison"]["against"] == "champion v1"
+
+
+def test_an_old_champion_without_per_item_results_is_rescored_or_not_compared(store):
+    old_style_champion(store, None)
+    asked = []
+    unable = register(store, b"new", 100.0, rescore=lambda run_id: asked.append(run_id))
+    assert unable["alias"] == CHALLENGER and champion_version(store[0]) == "1" and len(asked) == 1
+    assert "champion v1 cannot be compared item by item (no per-item results logged with it" in unable["reason"]
+    assert "re-scoring it needs the base model and the test split here" in unable["reason"]
+
+    rescored = register(store, b"newer", 100.0, rescore=lambda run_id: rows(300.0))
+    assert rescored["promoted"] and rescored["comparison"]["against"] == "champion v1"
+    versions = store[0].search_model_versions(f"name = '{MODEL}'")
+    assert len(versions) == 3 and not store[0].get_model_version(MODEL, "1").tags  # the old one is as it was
+
+
 def test_the_champion_loads_back_from_its_models_uri(store, tmp_path, monkeypatch):
     import mlflow
 
     register(store, b"weights", 300.0)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store[0].tracking_uri)  # as the README's recipe; no global left set
-    folder = mlflow.artifacts.download_artifacts("models:/price-adapter@champion", dst_path=str(tmp_path / "back"))
+    folder = mlflow.artifacts.download_artifacts(f"models:/{MODEL}@champion", dst_path=str(tmp_path / "back"))
     assert (tmp_path / "back" / "adapter_model.safetensors").read_bytes() == b"weights"
     assert folder.endswith("back")
 
 
-def test_an_unknown_primary_metric_names_the_choices(store):
-    client = store[0]
-    run_id, folder, evaluation = logged_adapter(store, b"x", 1.0)
-    with pytest.raises(KeyError, match=r"tracking.primary_metric='rmse'.*\['avg_error'\]"):
-        register_adapter(client, TrackingConfig(primary_metric="rmse"), run_id, folder, evaluation, TEST_SET)
+@pytest.mark.parametrize(
+    ("tracking", "named"),
+    [
+        ({"primary_metric": "rmse"}, r"tracking\.primary_metric: expected one of \['auto', 'avg_error'"),
+        ({"min_improvement": -1}, r"tracking\.min_improvement"),
+        ({"confidence": 1.0}, r"tracking\.confidence: expected a number above 0\.5 and below 1"),
+        ({"bootstrap_samples": 10}, r"tracking\.bootstrap_samples"),
+    ],
+)
+def test_gate_settings_are_checked_at_load(tracking, named):
+    with pytest.raises(ConfigError, match=named):
+        params_from_dict({"tracking": tracking})
+
+
+def test_a_metric_that_does_not_score_the_data_shape_is_refused_at_load():
+    with pytest.raises(ConfigError, match=r"tracking\.primary_metric: 'hit_rate' does not score chat data"):
+        params_from_dict({"data": {"shape": "chat"}, "tracking": {"primary_metric": "hit_rate"}})

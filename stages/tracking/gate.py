@@ -1,0 +1,312 @@
+"""The promotion rule: a new adapter becomes champion only when its improvement is shown, not when one number
+happens to beat another.
+
+Both adapters are scored on the same test items, so the comparison is paired: the improvement in the primary
+metric is recomputed on `tracking.bootstrap_samples` resamples of the items (the same resampled items for
+both), and the central `tracking.confidence` interval of those improvements must lie wholly above
+`tracking.min_improvement`. That is a one-sided test at (1 + confidence) / 2. A paired bootstrap rather than a
+permutation test, because it gives an interval in the metric's own units (dollars for avg_error), which is
+what the margin is written in and what a person reads; and because it handles metrics that are not means
+of per-item values (RMSLE is a root, R² a ratio, the text loss a token-weighted mean) by recomputing them
+on each resample. The resamples are seeded, so the same results always give the same decision.
+
+`decide(...)` is the rule, with no MLflow and no files: it takes per-item results (`Items`) of the candidate,
+the champion (or, with none yet, the base model zero-shot) and returns a `Decision` whose `reason` says the
+improvement, its interval, the number of items and the confidence in words
+("avg_error better by $41 [-$12, $97] over 200 items: not shown at 95%").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from stages.common.config import PRICE, PRIMARY_METRICS
+from stages.common.metrics import GREEN, band
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+DOLLARS = ("avg_error",)
+SHARES = ("hit_rate", "exact_match")
+CHUNK = 250  # resamples computed at once: bounds memory for large test sets
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Which metric decides, in which direction, by how much and how surely a candidate must win."""
+
+    metric: str
+    greater_is_better: bool
+    min_improvement: float = 0.0
+    confidence: float = 0.95
+    samples: int = 2000
+    seed: int = 0
+
+    @classmethod
+    def from_params(cls, cfg, shape: str) -> Gate:
+        """The gate for params `tracking` (a TrackingConfig) on data of `shape`; `primary_metric: auto` is
+        avg_error for prices and the test loss for prompt/completion and chat data."""
+        metric = cfg.primary_metric
+        if metric == "auto":
+            metric = "avg_error" if shape == PRICE else "loss"
+        return cls(metric, PRIMARY_METRICS[metric][1], cfg.min_improvement, cfg.confidence, cfg.bootstrap_samples)
+
+    def improvement(self, new, old):
+        """How much `new` is better than `old` (negative when worse); works on arrays too."""
+        return new - old if self.greater_is_better else old - new
+
+    def amount(self, value: float) -> str:
+        """`value` in the metric's units, for people: $41, 3.5 pp, 0.0123."""
+        if self.metric in DOLLARS:
+            return f"-${-value:,.0f}" if value < 0 else f"${value:,.0f}"
+        if self.metric in SHARES:
+            return f"{value * 100:.1f} pp"
+        return f"{value:.4g}"
+
+
+@dataclass(frozen=True)
+class Items:
+    """One model's per-item results on the test set, as evaluate_adapter writes them (eval/predictions.jsonl):
+    for prices the truth and the parsed prediction (None when the output had no number, scored as $0); for
+    text the mean loss per completion token, the completion's token count and whether the output matched."""
+
+    keys: tuple[str, ...]  # each item's description or prompt: pairs the items of two models
+    truth: tuple[float, ...] = ()
+    prediction: tuple[float | None, ...] = ()
+    loss: tuple[float, ...] = ()
+    tokens: tuple[int, ...] = ()
+    exact: tuple[bool, ...] = ()
+
+    @classmethod
+    def from_rows(cls, rows: list[dict], model: str) -> Items:
+        """The items of `model` ("adapter", "base_zero_shot") from prediction rows; KeyError naming a missing
+        field (rows written before the field existed)."""
+        if rows and "truth" in rows[0]:
+            field = "adapter_prediction" if model == "adapter" else "base_prediction"
+            return cls(
+                keys=tuple(r["text"] for r in rows),
+                truth=tuple(float(r["truth"]) for r in rows),
+                prediction=tuple(r[field] for r in rows),
+            )
+        return cls(
+            keys=tuple(r["prompt"] for r in rows),
+            loss=tuple(float(r[f"{model}_loss"]) for r in rows),
+            tokens=tuple(int(r["completion_tokens"]) for r in rows),
+            exact=tuple(bool(r[f"{model}_exact"]) for r in rows),
+        )
+
+    def problem(self, metric: str) -> str | None:
+        """Why `metric` cannot be computed from these items, or None."""
+        if not self.keys:
+            return "no per-item results"
+        needed = (self.truth, self.prediction) if metric in _PRICE_ARRAYS else (self.loss, self.tokens, self.exact)
+        if any(len(values) != len(self.keys) for values in needed):
+            return f"no per-item results for {metric}"
+        numbers = [*self.truth, *(p for p in self.prediction if p is not None), *self.loss]
+        if not all(math.isfinite(v) for v in numbers):
+            return "a per-item result that is NaN or infinite"
+        return None
+
+
+def _price_arrays(items: Items) -> dict:
+    import numpy as np
+
+    truth = np.asarray(items.truth, dtype=float)
+    guess = np.asarray([max(p, 0.0) if p is not None else 0.0 for p in items.prediction], dtype=float)
+    error = np.abs(guess - truth)
+    return {
+        "truth": truth,
+        "error": error,
+        "squared_log": (np.log1p(guess) - np.log1p(truth)) ** 2,
+        "hit": np.asarray([band(t, p) == GREEN for t, p in zip(truth, guess, strict=True)], dtype=float),
+    }
+
+
+def _text_arrays(items: Items) -> dict:
+    import numpy as np
+
+    tokens = np.asarray(items.tokens, dtype=float)
+    return {
+        "tokens": tokens,
+        "loss_sum": np.asarray(items.loss, dtype=float) * tokens,
+        "exact": np.asarray(items.exact, dtype=float),
+    }
+
+
+def _r2(a: dict, idx):
+    import numpy as np
+
+    truth = a["truth"][idx]
+    total = ((truth - truth.mean(axis=-1, keepdims=True)) ** 2).sum(axis=-1)
+    residual = (a["error"][idx] ** 2).sum(axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(total > 0, 1.0 - residual / np.where(total > 0, total, 1.0), 0.0)
+
+
+def _text_loss(a: dict, idx):
+    import numpy as np
+
+    return a["loss_sum"][idx].sum(axis=-1) / np.maximum(a["tokens"][idx].sum(axis=-1), 1.0)
+
+
+def _perplexity(a: dict, idx):
+    import numpy as np
+
+    return np.exp(np.minimum(_text_loss(a, idx), 700.0))  # exp overflows a float beyond ~709
+
+
+# Each metric on resampled items: `idx` is an index array (resamples x items); the values match
+# stages/common/metrics.py's price_metrics and text_metrics on the whole set (tests/tracking/test_gate.py).
+_PRICE_ARRAYS = {
+    "avg_error": lambda a, idx: a["error"][idx].mean(axis=-1),
+    "rmsle": lambda a, idx: a["squared_log"][idx].mean(axis=-1) ** 0.5,
+    "hit_rate": lambda a, idx: a["hit"][idx].mean(axis=-1),
+    "mse": lambda a, idx: (a["error"][idx] ** 2).mean(axis=-1),
+    "r2": _r2,
+}
+_TEXT_ARRAYS = {
+    "loss": _text_loss,
+    "perplexity": _perplexity,
+    "exact_match": lambda a, idx: a["exact"][idx].mean(axis=-1),
+}
+METRICS = {**_PRICE_ARRAYS, **_TEXT_ARRAYS}
+
+
+def metric_on(metric: str, items: Items, idx):
+    """`metric` of `items` on each row of resampled indices `idx` (an array of shape resamples x items)."""
+    arrays = _price_arrays(items) if metric in _PRICE_ARRAYS else _text_arrays(items)
+    return METRICS[metric](arrays, idx)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The candidate against a reference on the same items: both values, the improvement, its interval."""
+
+    metric: str
+    against: str  # "champion v3" or "the base model zero-shot (no champion yet)"
+    candidate: float
+    reference: float
+    improvement: float
+    low: float
+    high: float
+    n_items: int
+    confidence: float
+    min_improvement: float
+
+    def record(self) -> dict:
+        return {
+            "metric": self.metric,
+            "against": self.against,
+            "candidate": self.candidate,
+            "reference": self.reference,
+            "improvement": self.improvement,
+            "interval_low": self.low,
+            "interval_high": self.high,
+            "n_items": self.n_items,
+            "confidence": self.confidence,
+            "min_improvement": self.min_improvement,
+        }
+
+
+def paired_comparison(gate: Gate, candidate: Items, reference: Items, against: str) -> Comparison:
+    """The improvement of `candidate` over `reference` (paired items, same order) and its central
+    `gate.confidence` percentile-bootstrap interval over `gate.samples` seeded resamples of the items."""
+    import numpy as np
+
+    n = len(candidate.keys)
+    whole = np.arange(n)[None, :]
+    new, old = float(metric_on(gate.metric, candidate, whole)[0]), float(metric_on(gate.metric, reference, whole)[0])
+    rng = np.random.default_rng(gate.seed)
+    gains = []
+    for start in range(0, gate.samples, CHUNK):
+        idx = rng.integers(0, n, size=(min(CHUNK, gate.samples - start), n))
+        gains.append(gate.improvement(metric_on(gate.metric, candidate, idx), metric_on(gate.metric, reference, idx)))
+    tail = (1 - gate.confidence) / 2
+    low, high = np.quantile(np.concatenate(gains), [tail, 1 - tail])
+    return Comparison(
+        gate.metric, against, new, old, gate.improvement(new, old), float(low), float(high), n, gate.confidence,
+        gate.min_improvement,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Decision:
+    alias: str  # CHAMPION or CHALLENGER
+    reason: str
+    comparison: Comparison | None = None  # None when nothing could be compared
+
+    @property
+    def promoted(self) -> bool:
+        return self.alias == CHAMPION
+
+
+@dataclass(frozen=True)
+class Champion:
+    """The version holding the `champion` alias: its number, the test set it was scored on, and its per-item
+    results (None when they could not be had, with `missing` saying why)."""
+
+    version: str
+    test_sha256: str | None
+    items: Items | None
+    missing: str = ""
+
+
+def verdict(gate: Gate, c: Comparison) -> tuple[bool, str]:
+    """(promote?, the comparison in words and numbers)."""
+    level = f"{c.confidence:.0%}"
+    interval = f"[{gate.amount(c.low)}, {gate.amount(c.high)}]"
+    numbers = f"{gate.metric} {c.candidate:,.4g} vs {c.reference:,.4g} for {c.against}"
+    if c.low == c.high == c.improvement == 0:
+        return False, f"{numbers}: equal on all {c.n_items} items, not better"
+    direction = "better" if c.improvement > 0 else "worse"
+    said = f"{numbers}: {direction} by {gate.amount(abs(c.improvement))} {interval} over {c.n_items} items"
+    if c.low > gate.min_improvement:
+        margin = (
+            f", more than tracking.min_improvement={gate.amount(gate.min_improvement)}" if gate.min_improvement else ""
+        )
+        return True, f"{said}: shown at {level}{margin}"
+    if c.improvement <= 0:
+        return False, f"{said}: not better"
+    if c.low > 0:
+        return False, (
+            f"{said}: better at {level}, but not surely by more than "
+            f"tracking.min_improvement={gate.amount(gate.min_improvement)}"
+        )
+    return False, f"{said}: not shown at {level}"
+
+
+def decide(
+    gate: Gate, candidate: Items, champion: Champion | None, base: Items | None, test_sha256: str | None
+) -> Decision:
+    """The alias a new version gets and why: `champion` when its paired improvement over the current champion
+    (or, with none yet, over the base model zero-shot on the same items) is shown at `gate.confidence` and
+    exceeds `gate.min_improvement` over the whole interval; `challenger` otherwise, or whenever the results
+    cannot be compared (a champion scored on another test set or on other items, missing or NaN results)."""
+    problem = candidate.problem(gate.metric)
+    if problem:
+        return Decision(CHALLENGER, f"the candidate has {problem}: nothing to compare, so no promotion")
+    if champion is None:
+        if base is None or base.problem(gate.metric):
+            why = base.problem(gate.metric) if base is not None else "no base-model results"
+            return Decision(CHALLENGER, f"no champion yet and the base model zero-shot has {why}: no promotion")
+        return _compared(gate, candidate, base, "the base model zero-shot (no champion yet)")
+    against = f"champion v{champion.version}"
+    if champion.test_sha256 != test_sha256:
+        return Decision(
+            CHALLENGER,
+            f"{against} was scored on another test set ({(champion.test_sha256 or 'unknown')[:12]} vs "
+            f"{(test_sha256 or 'unknown')[:12]}): no comparison possible, so no promotion; pin the test set "
+            "(data.test_split) or promote by hand",
+        )
+    if champion.items is None or champion.items.problem(gate.metric):
+        why = champion.missing or champion.items.problem(gate.metric)
+        return Decision(CHALLENGER, f"{against} cannot be compared item by item ({why}), so no promotion")
+    if champion.items.keys != candidate.keys:
+        return Decision(CHALLENGER, f"{against} was scored on other test items: no comparison possible")
+    return _compared(gate, candidate, champion.items, against)
+
+
+def _compared(gate: Gate, candidate: Items, reference: Items, against: str) -> Decision:
+    comparison = paired_comparison(gate, candidate, reference, against)
+    promote, reason = verdict(gate, comparison)
+    return Decision(CHAMPION if promote else CHALLENGER, reason, comparison)
