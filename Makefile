@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 # Stage commands in dvc.yaml call `python`: make it this environment's.
 RUN := env PATH="$(BIN):$$PATH" PREFECT_SERVER_ANALYTICS_ENABLED=false
 
-.PHONY: venv demo test test-fast test-random lint format repro plan prefect-server serve deploy worker mlflow-ui mlflow-server bench bench-train bench-eval bench-memory bench-overhead clean
+.PHONY: venv demo test test-fast test-random lint format repro plan prefect-server serve deploy worker mlflow-ui mlflow-server bench bench-train bench-eval bench-memory bench-overhead bench-noise clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -45,9 +45,9 @@ format: venv
 repro: venv
 	$(RUN) $(BIN)/dvc repro
 
-# The four benchmarks of docs/performance.md, after `make demo` (its page says how long each takes); each prints a
+# The benchmarks of docs/performance.md, after `make demo` (its page says how long each takes); each prints a
 # table and writes bench/results/<name>.json.
-bench: bench-train bench-eval bench-overhead bench-memory
+bench: bench-train bench-eval bench-overhead bench-memory bench-noise
 
 bench-train: venv
 	$(RUN) $(BIN)/python -m bench.train_throughput
@@ -57,6 +57,12 @@ bench-eval: venv
 
 bench-memory: venv
 	$(RUN) $(BIN)/python -m bench.memory
+
+# The default training and evaluation for 3 seeds: the spread of each metric, and what the gate decides for
+# every pair of seeds (docs/performance.md); SEEDS=5 STEPS=60 for more seeds or shorter runs.
+SEEDS ?= 3
+bench-noise: venv
+	$(RUN) $(BIN)/python -m bench.seed_noise --seeds $(SEEDS) $(if $(STEPS),--steps $(STEPS))
 
 # Parameters, adapter size, base memory and FLOPs per token of the configured run, from the config alone.
 plan: venv

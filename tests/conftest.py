@@ -22,7 +22,15 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # A test that needs one of these runs servers, the flow, several processes or a benchmark: `slow`, left out of
 # `make test-fast` (a test can also be marked by hand, as the embedded GGUF conversion is).
-SLOW_FIXTURES = {"prefect_api", "flow_project", "workspace_copy", "two_process_run", "bench_runs", "servers"}
+SLOW_FIXTURES = {
+    "prefect_api",
+    "flow_project",
+    "workspace_copy",
+    "two_process_run",
+    "bench_runs",
+    "noise_run",
+    "servers",
+}
 
 # Small enough to run every stage in seconds; shaped like the real defaults.
 TINY_PARAMS = {

@@ -74,3 +74,29 @@ def test_both_trainers_start_from_the_same_adapter_whatever_its_dtype(tiny_model
             assert torch.equal(weight.to(torch.bfloat16), lora[name]) and weight.abs().sum() > 0
         elif ".lora_B." in name:
             assert not weight.any() and not lora[name].any()
+
+
+@pytest.fixture(scope="module")
+def noise_run(pipeline_project, tmp_path_factory) -> tuple[dict, str]:
+    """bench/seed_noise.py on the tiny project: 2 seeds, 2 optimizer steps each."""
+    paths, _, _ = pipeline_project
+    output = tmp_path_factory.mktemp("noise") / "seed_noise.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TQDM_DISABLE": "1"}
+    env.pop("MLFLOW_RUN_ID", None)
+    command = [sys.executable, "-m", "bench.seed_noise", "--seeds", "2", "--steps", "2", "--output", str(output)]
+    done = subprocess.run(command, cwd=paths.root, env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(output.read_text()), done.stdout
+
+
+def test_the_noise_benchmark_reports_the_spread_and_the_gate_on_every_pair(noise_run, pipeline_project):
+    result, printed = noise_run
+    paths, params, _ = pipeline_project
+    assert [r["seed"] for r in result["runs"]] == [params.train.seed, params.train.seed + 1]
+    assert all(r["steps"] == 2 for r in result["runs"])
+    assert set(result["spread"]) == {"avg_error", "rmsle", "hit_rate", "val_loss"}
+    pairs = {(d["candidate_seed"], d["champion_seed"]) for d in result["decisions"]}
+    assert pairs == {(42, 43), (43, 42)} and all(d["n_items"] == 12 for d in result["decisions"])
+    assert result["machine"]["cores"] >= 1 and result["machine"]["cpu"]
+    assert "seed pairs promoted" in printed
+    assert not paths.train_scratch.exists()  # the workspace is untouched
