@@ -251,4 +251,21 @@ def workspace_copy(flow_project, tmp_path, prefect_api) -> tuple[Path, dict]:
 
     root = tmp_path / "workspace"
     shutil.copytree(flow_project.root, root, symlinks=True, ignore=left_out)
+    point_mlflow_at(root / "mlflow.db", f"{flow_project.root.as_uri()}/", f"{root.as_uri()}/")
     return root, workspace_env(root, prefect_api)
+
+
+def point_mlflow_at(store: Path, old_root: str, new_root: str) -> None:
+    """Make a copied SQLite MLflow store use the copied artifacts: the store names its artifact folders by
+    absolute URI, so without this a copy would write into (and read from) the original's mlartifacts/."""
+    import sqlite3
+
+    columns = {
+        "experiments": ("artifact_location",),
+        "runs": ("artifact_uri",),
+        "model_versions": ("source", "storage_location"),
+    }
+    with sqlite3.connect(store) as connection:
+        for table, names in columns.items():
+            for name in names:
+                connection.execute(f"UPDATE {table} SET {name} = replace({name}, ?, ?)", (old_root, new_root))
