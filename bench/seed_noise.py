@@ -1,9 +1,10 @@
 """Benchmark: how far the default pipeline's results move with the training seed alone, and what the gate says.
 
-For each of `--seeds` seeds (train.seed = the params' seed + 0, 1, 2, ...), train_qlora and evaluate_adapter
-run with the workspace's params on its base model, tokenized data and splits (after `make demo`), in a
-scratch project, so nothing in the workspace changes. Same data, same settings, same code: whatever differs
-between the seeds is noise, and the promotion gate should promote none of them over another.
+For each of `--seeds` seeds (train.seed = the params' seed + 0, 1, 2, ...), train_qlora runs with the
+workspace's params on its base model and tokenized data (after `make demo`), in a scratch project, so nothing
+in the workspace changes, and its adapter is scored on the test split as evaluate_adapter scores it. Same data,
+same settings, same code: whatever differs between the seeds is noise, and the promotion gate should promote
+none of them over another.
 
 Prints, per metric (avg_error, rmsle, hit_rate, validation loss), each seed's value, the mean, the standard
 deviation and the range; then, for every ordered pair (candidate seed, champion seed), the gate's decision
@@ -56,25 +57,29 @@ def scratch_project(folder: Path):
 
 
 def run_seed(params, offset: int, steps: int | None) -> dict:
-    """Train and evaluate one seed; its metrics, seconds and per-item prediction rows."""
-    from stages import evaluate_adapter, train_qlora
-    from stages.common.io import read_json, read_jsonl
+    """Train one seed and score its adapter on the test split as evaluate_adapter does (the adapter's rows
+    only: the base model and baselines do not depend on the seed); its metrics, seconds and rows."""
+    from stages import train_qlora
+    from stages.common.io import read_json
+    from stages.common.metrics import price_metrics
+    from stages.evaluate_adapter import adapter_rows
 
     chosen = seed_params(params, offset, steps)
     with tempfile.TemporaryDirectory(prefix="bench-noise-") as folder:
         paths = scratch_project(Path(folder))
         started = time.perf_counter()
         train_qlora.run(chosen, paths)
-        evaluate_adapter.run(chosen, paths)
-        adapter = read_json(paths.eval_metrics)["adapter"]
-        return {
-            "seed": chosen.train.seed,
-            "steps": read_json(paths.train_metrics)["steps"],
-            "seconds": round(time.perf_counter() - started, 1),
-            **{name: adapter[name] for name in METRICS if name in adapter},
-            "val_loss": read_json(paths.train_metrics)["val_loss"],
-            "rows": read_jsonl(paths.predictions),
-        }
+        rows = adapter_rows(chosen, paths, paths.adapter)
+        trained = read_json(paths.train_metrics)
+    scores = price_metrics([r["truth"] for r in rows], [r["adapter_prediction"] for r in rows])
+    return {
+        "seed": chosen.train.seed,
+        "steps": trained["steps"],
+        "seconds": round(time.perf_counter() - started, 1),
+        **{name: scores[name] for name in ("avg_error", "rmsle", "hit_rate")},
+        "val_loss": trained["val_loss"],
+        "rows": rows,
+    }
 
 
 def spread(values: list[float]) -> dict:
@@ -93,7 +98,10 @@ def pairwise_decisions(params, runs: list[dict]) -> list[dict]:
     gate = Gate.from_params(params.tracking, "price")
     decisions = []
     for candidate, champion in itertools.permutations(runs, 2):
-        held = Champion(str(champion["seed"]), "same", Items.from_rows(champion["rows"], "adapter"))
+        held = Champion(
+            str(champion["seed"]), "same", Items.from_rows(champion["rows"], "adapter"),
+            label=f"the champion of seed {champion['seed']}",
+        )  # fmt: skip
         decision = decide(gate, Items.from_rows(candidate["rows"], "adapter"), held, None, "same")
         decisions.append({
             "candidate_seed": candidate["seed"], "champion_seed": champion["seed"], "promoted": decision.promoted,

@@ -29,7 +29,9 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 def command_line(argv: list[str] | None) -> argparse.Namespace:
     """The options of `python -m flows` and `python -m flows.retrain`."""
-    parser = argparse.ArgumentParser(description="Run the QLoRA pipeline through DVC and record it in MLflow.")
+    parser = argparse.ArgumentParser(
+        prog="python -m flows", description="Run the QLoRA pipeline through DVC and record it in MLflow."
+    )
     parser.add_argument("--project-dir", default=str(PROJECT_ROOT), help="project root holding dvc.yaml")
     return parser.parse_args(argv)
 

@@ -249,6 +249,7 @@ class Champion:
     test_sha256: str | None
     items: Items | None
     missing: str = ""
+    label: str = ""  # how the reason names it; default "champion v<version>"
 
 
 def verdict(gate: Gate, c: Comparison) -> tuple[bool, str]:
@@ -290,7 +291,7 @@ def decide(
             why = base.problem(gate.metric) if base is not None else "no base-model results"
             return Decision(CHALLENGER, f"no champion yet and the base model zero-shot has {why}: no promotion")
         return _compared(gate, candidate, base, "the base model zero-shot (no champion yet)")
-    against = f"champion v{champion.version}"
+    against = champion.label or f"champion v{champion.version}"
     if champion.test_sha256 != test_sha256:
         return Decision(
             CHALLENGER,
