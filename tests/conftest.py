@@ -257,7 +257,9 @@ def workspace_copy(flow_project, tmp_path, prefect_api) -> tuple[Path, dict]:
 
 def point_mlflow_at(store: Path, old_root: str, new_root: str) -> None:
     """Make a copied SQLite MLflow store use the copied artifacts: the store names its artifact folders by
-    absolute URI, so without this a copy would write into (and read from) the original's mlartifacts/."""
+    absolute URI, so without this a copy would write into (and read from) the original's mlartifacts/.
+    (Within one process MLflow also caches a run's artifact store by run id, and copies share run ids: a test
+    that writes a copy's artifacts in-process writes the files itself.)"""
     import sqlite3
 
     columns = {

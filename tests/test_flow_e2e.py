@@ -162,6 +162,8 @@ def make_version_1_a_poor_champion(root: Path):
     """The tiny model's adapter ties with the base model (neither writes a number yet), so version 1 was a
     challenger. Make it the champion by hand, as a user promoting it would, with per-item results $1,000,000
     off on every item, for a new version to beat."""
+    from urllib.parse import urlsplit
+
     from stages.common.io import read_jsonl
     from stages.tracking.registry import PER_ITEM_ARTIFACT
 
@@ -170,7 +172,10 @@ def make_version_1_a_poor_champion(root: Path):
     client.set_registered_model_alias("qlora-price-adapter", "champion", "1")
     rows = read_jsonl(root / "eval" / "predictions.jsonl")
     poor = "".join(json.dumps({**row, "adapter_prediction": row["truth"] + 1e6}) + "\n" for row in rows)
-    client.log_text(first_version.run_id, poor, PER_ITEM_ARTIFACT)
+    # Written into this copy's artifact folder directly: MLflow caches a run's artifact store by run id for the
+    # whole process, and every copy of the workspace has the same run ids.
+    artifacts = Path(urlsplit(client.get_run(first_version.run_id).info.artifact_uri).path)
+    (artifacts / PER_ITEM_ARTIFACT).write_text(poor, encoding="utf-8")
     return client
 
 
