@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 # Stage commands in dvc.yaml call `python`: make it this environment's.
 RUN := env PATH="$(BIN):$$PATH" PREFECT_SERVER_ANALYTICS_ENABLED=false
 
-.PHONY: venv demo test test-fast test-random lint format repro plan prefect-server serve deploy worker mlflow-ui mlflow-server bench bench-train bench-eval bench-memory bench-overhead bench-noise clean
+.PHONY: venv demo test test-fast test-random serve-champion predict lint format repro plan prefect-server serve deploy worker mlflow-ui mlflow-server bench bench-train bench-eval bench-memory bench-overhead bench-noise clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -88,6 +88,19 @@ worker: venv
 
 bench-overhead: venv
 	$(RUN) $(BIN)/python -m bench.pipeline_overhead
+
+# The registry's champion (or MODEL_URI=models:/<name>/<version>) behind MLflow's scoring server on
+# http://127.0.0.1:5001 (POST /invocations with {"dataframe_records": [{"text": "..."}]}; docs/serving.md).
+MLFLOW_TRACKING_URI ?= sqlite:///$(abspath mlflow.db)
+MODEL_URI ?= models:/qlora-price-adapter@champion
+serve-champion: venv
+	$(RUN) MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(BIN)/mlflow models serve -m $(MODEL_URI) \
+		--env-manager local --host 127.0.0.1 --port 5001
+
+# Price a file with the champion: make predict INPUT=data/raw/new.csv OUTPUT=priced.csv [MODEL_URI=...]
+predict: venv
+	$(RUN) MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(BIN)/python -m serving.predict \
+		--input $(INPUT) --output $(OUTPUT) --model $(MODEL_URI)
 
 mlflow-ui: venv
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --host 127.0.0.1 --port 5000

@@ -6,9 +6,11 @@ whether it was started by the Prefect flow, `dvc repro` or `dvc exp run`:
   one tagged `started_by` = "dvc repro" / "dvc exp run" and `dvc.exp_name` = $DVC_EXP_NAME;
 - params, the stages' metrics, the loss curve, the adapter, charts, predictions, model card, dvc.lock, and
   lineage tags (stages/tracking/runs.py);
-- a registry version of `tracking.registered_model` for a new adapter (identical adapter bytes reuse
-  their version), which takes `champion` or `challenger` by the paired rule in stages/tracking/gate.py,
-  comparing its per-item test results with the champion's (stages/tracking/registry.py);
+- the adapter as an MLflow Model (serving/pricer.py: a pyfunc that prices descriptions), linked to the run;
+- a registry version of `tracking.registered_model` for a new adapter, pointing at that model (identical
+  adapter bytes reuse their version), which takes `champion` or `challenger` by the paired rule in
+  stages/tracking/gate.py, comparing its per-item test results with the champion's
+  (stages/tracking/registry.py);
 - the decision in words and numbers on the run and the version (tags, description) and in the run's copy of
   the model card.
 It reads what the other stages wrote and every params section but `flow` (all of them are recorded), and
@@ -76,6 +78,13 @@ def rescorer(params: Params, paths: Paths, client) -> Rescore:
     return rescore
 
 
+def log_model(client, run_id: str, params: Params, paths: Paths, test_rows: list[dict]):
+    """The adapter as an MLflow Model (serving/pricer.py), logged for the run: the LoggedModel."""
+    from serving.pricer import log_model as log_pricer
+
+    return log_pricer(client, run_id, params, paths, test_rows)
+
+
 def log_card_with_decision(client, run_id: str, paths: Paths, record: dict) -> None:
     """The run's copy of the model card (model_card/README.md), with the promotion decision added: export_hub
     wrote the card before the gate ran, so the exported one (and the Hub's) cannot say it."""
@@ -98,9 +107,11 @@ def run(params: Params, paths: Paths) -> Result:
         client.set_tag(run_id, key, value)
     shape = read_json(paths.eval_metrics).get("shape", PRICE)
     rows = read_jsonl(paths.predictions)
+    model = log_model(client, run_id, params, paths, read_jsonl(paths.split("test")))
+    client.set_tag(run_id, "model.uri", f"models:/{model.model_id}")
     decision = register_adapter(
         client, params.tracking, run_id, paths.adapter, shape, rows, test_set_hash(paths),
-        rescorer(params, paths, client),
+        rescorer(params, paths, client), model,
     )  # fmt: skip
     record = {
         "run_id": run_id,

@@ -20,7 +20,7 @@ import yaml
 from flows.retrain import STAGES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PROJECT_PACKAGES = ("stages", "flows")
+PROJECT_PACKAGES = ("stages", "serving", "flows")
 
 
 def module_file(name: str) -> Path | None:

@@ -43,6 +43,13 @@ def finished_project(tmp_path, monkeypatch):
     paths.predictions.write_text("".join(json.dumps(row) + "\n" for row in PREDICTIONS))
     paths.export.mkdir()
     (paths.export / "README.md").write_text("# price-adapter\n\nThe card export_hub wrote.\n")
+    paths.base_model.mkdir(parents=True)  # what the logged model names its base by
+    source = {"source": "models/tiny", "kind": "local", "revision": "main", "resolved_revision": None, "hub_id": "t"}
+    (paths.base_model / "source.json").write_text(json.dumps(source))
+    paths.splits.mkdir(parents=True)
+    paths.split("test").write_text(
+        "".join(json.dumps({"text": r["text"], "price": r["truth"]}) + "\n" for r in PREDICTIONS)
+    )
     monkeypatch.chdir(tmp_path)
     return paths
 

@@ -118,16 +118,18 @@ def test_mlflow_server_holds_the_run_its_artifacts_and_the_registry(worker_run, 
     downloaded = client.download_artifacts(run_id, "adapter/adapter_model.safetensors", str(tmp_path))
     assert Path(downloaded).read_bytes() == adapter
     stored = list((server_folder / "artifacts").rglob("adapter_model.safetensors"))  # the server's store
-    assert len(stored) == 1 and stored[0].read_bytes() == adapter
+    assert len(stored) == 2 and all(file.read_bytes() == adapter for file in stored)  # the run's and the model's
 
     record = json.loads((root / "reports" / "mlflow_run.json").read_text())
     assert record["run_id"] == run_id and record["tracking_uri"] == uri and record["version"] == "1"
     version = client.get_model_version_by_alias(MODEL, record["alias"])
     assert version.version == "1" and version.run_id == run_id
-    assert version.source == f"{mlflow_run.info.artifact_uri}/adapter"
+    model_id = data.tags["model.uri"].removeprefix("models:/")
+    assert version.source == client.get_logged_model(model_id).artifact_location  # the logged MLflow Model
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # as the README's recipe: the registry is the server's too
-    champion_dir = mlflow.artifacts.download_artifacts(f"models:/{MODEL}@{record['alias']}")
-    assert (Path(champion_dir) / "adapter_model.safetensors").read_bytes() == adapter  # the README's recipe
+    champion_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}@{record['alias']}"))
+    assert (champion_dir / "artifacts" / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+    assert (champion_dir / "MLmodel").is_file()  # an MLflow Model, as `mlflow models serve` takes it
 
     assert not (root / "mlflow.db").exists() and not (root / "mlartifacts").exists()  # nothing stored locally
     assert data.tags["prefect.flow_run_id"] == flow_run["id"] and data.tags["prefect.deployment"] == DEPLOYMENT

@@ -7,9 +7,11 @@ numbers. Every version carries its per-item test results (the run's `eval/predic
 `eval.per_item` tag), so a later candidate is compared with it item by item without re-running it. A champion
 registered before that (no per-item results, or results missing a field the metric needs) is re-scored from
 its logged adapter when the caller can (`rescore`), or the gate says it cannot compare and does not promote;
-nothing in the registry is changed for it. Load the champion back with:
+nothing in the registry is changed for it. A version's source is the MLflow Model record_run logs
+(serving/pricer.py): load the champion back with
 
-    mlflow.artifacts.download_artifacts("models:/qlora-price-adapter@champion")  # -> a PEFT adapter folder
+    mlflow.pyfunc.load_model("models:/qlora-price-adapter@champion")  # predicts completions and prices
+    mlflow.artifacts.download_artifacts("models:/qlora-price-adapter@champion")  # its adapter: artifacts/adapter
 """
 
 from __future__ import annotations
@@ -138,12 +140,15 @@ def register_adapter(
     rows: list[dict],
     test_sha256: str | None,
     rescore: Rescore | None = None,
+    model=None,
 ) -> dict:
     """Register the adapter logged under `adapter` in run `run_id` and apply the promotion gate of params
     `tracking` (`cfg`) to its per-item test results `rows` (eval/predictions.jsonl of data `shape`).
 
-    Returns a record: version, new_version (False when these adapter bytes were registered before), alias,
-    promoted, reason, and the comparison's numbers (None when nothing could be compared).
+    The version's source is `model` (the LoggedModel record_run logged: its artifacts, and its id), or
+    without one the run's `adapter` folder. Returns a record: version, new_version (False when these adapter bytes were
+    registered before), alias, promoted, reason, and the comparison's numbers (None when nothing could be
+    compared).
     """
     from mlflow.exceptions import MlflowException
 
@@ -173,10 +178,13 @@ def register_adapter(
     tags = {ADAPTER_HASH_TAG: sha256, TEST_HASH_TAG: test_sha256 or "unknown", PER_ITEM_TAG: PER_ITEM_ARTIFACT}
     version = client.create_model_version(
         cfg.registered_model,
-        source=f"{client.get_run(run_id).info.artifact_uri}/adapter",
+        # The model's artifact location rather than models:/<id>, which MLflow resolves with the process's
+        # default tracking URI instead of this client's.
+        source=model.artifact_location if model else f"{client.get_run(run_id).info.artifact_uri}/adapter",
         run_id=run_id,
         tags={**tags, **decision_tags(decision)},
         description=decision.reason,
+        model_id=model.model_id if model else None,
     )
     client.set_registered_model_alias(cfg.registered_model, decision.alias, version.version)
     for key, value in {**decision_tags(decision), "registry.version": str(version.version)}.items():
