@@ -163,8 +163,41 @@ def export_merged(paths: Paths, params: Params, out: Path, shape: str = PRICE) -
     return check
 
 
-def merged_section(name: str, check: dict | None) -> str:
-    """The card's paragraph on the merged model, with the agreement measured before export."""
+GGUF_FOLDER = "gguf"
+
+
+def export_gguf(params: Params, folder: Path, shape: str) -> None:
+    """`export.gguf` files of the merged model in <folder>/gguf/, with an Ollama Modelfile for the smallest:
+    the prompt template for prices and prompt/completion data (the description or prompt is the message),
+    greedy decoding and the end-of-sequence stop; for chat data Ollama reads the GGUF's chat template."""
+    from transformers import AutoTokenizer
+
+    from serving.gguf import modelfile, write_gguf
+
+    out = folder / GGUF_FOLDER
+    out.mkdir()
+    name = (params.export.repo_id or params.tracking.registered_model).split("/")[-1]
+    for kind in params.export.gguf:
+        write_gguf(folder / "merged", out / f"model-{kind}.gguf", kind, name)
+        print(f"GGUF ({kind}): {(out / f'model-{kind}.gguf').stat().st_size / 1e6:,.1f} MB")
+    smallest = "q8_0" if "q8_0" in params.export.gguf else params.export.gguf[0]
+    template = params.prompt.template if shape == PRICE else None if shape == CHAT else "{text}"
+    stop = AutoTokenizer.from_pretrained(folder / "merged").eos_token
+    text = modelfile(f"model-{smallest}.gguf", template, params.evaluate.max_new_tokens, stop)
+    (out / "Modelfile").write_text(text, encoding="utf-8")
+
+
+def gguf_section() -> str:
+    """The card's lines on the GGUF files, when there are any (export.gguf)."""
+    return """
+`gguf/` holds the merged model as GGUF for llama.cpp and Ollama (`gguf/Modelfile` carries the prompt):
+`ollama create pricer -f gguf/Modelfile`, then `ollama run pricer "<a description>"`.
+"""
+
+
+def merged_section(name: str, check: dict | None, gguf: bool = False) -> str:
+    """The card's paragraph on the merged model, with the agreement measured before export (and the GGUF
+    files, when `gguf`)."""
     if check is None:
         return ""
     return f"""
@@ -179,7 +212,7 @@ model = AutoModelForCausalLM.from_pretrained("{name}", subfolder="merged")
 It was merged into the {check["merged_into"]} base. Before export it predicted the same price as the
 evaluated adapter on {check["identical_predictions"]} of {check["items"]} test items (largest next-token
 logit difference {check["max_logit_difference"]:.2e}).
-"""
+{gguf_section() if gguf else ""}"""
 
 
 def front_matter(params: Params, hub_id: str, evaluation: dict, name: str) -> str:
@@ -280,7 +313,7 @@ from transformers import AutoTokenizer
 model = AutoPeftModelForCausalLM.from_pretrained("{load_from}")
 tokenizer = AutoTokenizer.from_pretrained("{load_from}")
 ```
-{merged_section(load_from, merge_check)}
+{merged_section(load_from, merge_check, bool(params.export.gguf))}
 ## Evaluation on the held-out test set ({evaluation["adapter"]["n"]} items)
 
 {comparison_markdown(evaluation)}
@@ -405,6 +438,8 @@ def run(params: Params, paths: Paths) -> Result:
                 f"merged model: {merge_check['identical_predictions']}/{merge_check['items']} identical "
                 f"predictions, max logit difference {merge_check['max_logit_difference']:.2e}"
             )
+        if params.export.gguf:
+            export_gguf(params, tmp, shape)
         card = model_card(params, hub_id, evaluation, data, training, merge_check)
         (tmp / "README.md").write_text(card, encoding="utf-8")
     cfg = params.export

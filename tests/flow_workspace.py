@@ -17,6 +17,7 @@ from tests.conftest import REPO_ROOT, write_project
 
 COPIED = (
     "stages",
+    "serving",
     "flows",
     "configs",
     "dvc.yaml",

@@ -33,6 +33,7 @@ OPTIMIZERS = ("auto", "adamw_torch", "adamw_bnb_8bit", "paged_adamw_32bit", "pag
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 LAUNCHERS = ("single", "accelerate")  # train_qlora in this process, or under `accelerate launch`
 MERGE_TARGETS = ("dequantized", "unquantized")
+GGUF_TYPES = ("f16", "q8_0")  # export.gguf: GGUF files of the merged model (serving/gguf.py)
 # The metrics the promotion gate can decide on: {name: (the data shapes they score, greater is better)}.
 # stages/tracking/gate.py computes each from per-item results; "auto" is avg_error for prices, loss otherwise.
 TEXT_SHAPES = (PAIR, CHAT)
@@ -264,10 +265,15 @@ class ExportConfig(Section):
     merge_into: str = one_of("dequantized", MERGE_TARGETS)
     merge_check_items: int = at_least(8, 1)  # test items predicted by both merged and unmerged models
     merge_tolerance: float = at_least(0.01, 0)  # largest relative price difference allowed between the two
+    gguf: list[str] = field(default_factory=list)  # GGUF files of the merged model: any of GGUF_TYPES
 
     def check(self) -> None:
         if self.push and not self.repo_id:
             self.fail("repo_id", "owner/name of a Hub repo when export.push is true")
+        if any(kind not in GGUF_TYPES for kind in self.gguf) or len(set(self.gguf)) != len(self.gguf):
+            self.fail("gguf", f"a list of distinct GGUF types from {list(GGUF_TYPES)}, or []")
+        if self.gguf and not self.merge:
+            self.fail("gguf", "[] unless export.merge is true (a GGUF file holds the merged model)")
 
 
 @dataclass(frozen=True)
