@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 # Stage commands in dvc.yaml call `python`: make it this environment's.
 RUN := env PATH="$(BIN):$$PATH" PREFECT_SERVER_ANALYTICS_ENABLED=false
 
-.PHONY: venv demo test test-fast test-random serve-champion predict lint format repro plan prefect-server serve deploy worker mlflow-ui mlflow-server bench bench-train bench-eval bench-memory bench-overhead bench-noise bench-gguf clean
+.PHONY: venv demo test test-fast test-random serve-champion predict lint format repro plan prefect-server serve deploy worker mlflow-ui mlflow-server bench bench-train bench-eval bench-memory bench-overhead bench-noise bench-gguf bench-serving clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -47,7 +47,7 @@ repro: venv
 
 # The benchmarks of docs/performance.md, after `make demo` (its page says how long each takes); each prints a
 # table and writes bench/results/<name>.json.
-bench: bench-train bench-eval bench-overhead bench-memory bench-noise bench-gguf
+bench: bench-train bench-eval bench-overhead bench-memory bench-noise bench-gguf bench-serving
 
 bench-train: venv
 	$(RUN) $(BIN)/python -m bench.train_throughput
@@ -68,6 +68,10 @@ bench-noise: venv
 # llama-cpp-python once into a cached wheel (several minutes) and installs it into .venv.
 bench-gguf: venv
 	$(RUN) $(BIN)/python -m bench.gguf_scores
+
+# The champion served (one item per request, and batches) and batch prediction against evaluate_adapter.
+bench-serving: venv
+	$(RUN) $(BIN)/python -m bench.serving_speed
 
 # Parameters, adapter size, base memory and FLOPs per token of the configured run, from the config alone.
 plan: venv
