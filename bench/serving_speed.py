@@ -6,7 +6,8 @@ reported separately). Then, over the test items:
 - one item per request, `--single` requests in a row: latency p50 and p95, items per second;
 - batches of `evaluate.batch_size` items per request, over every test item: latency p50 and p95, items/s;
 - batch prediction in this process (serving.pricer, as `python -m serving.predict` runs it), model load left
-  out: items per second, against the adapter's items per second that evaluate_adapter measured (eval.json).
+  out: items per second, against evaluate_adapter's generation of the same items with the same adapter,
+  measured just before in the same process.
 Writes bench/results/serving_speed.json.
 
 Run: `python -m bench.serving_speed [--single 20]` (or `make bench-serving`).
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from serving.pricer import Pricer, model_config, save_model
     from stages.common.config import load_params
-    from stages.common.io import read_json, read_jsonl, write_json
+    from stages.common.io import read_jsonl, write_json
     from stages.common.paths import Paths
     from tests.local_servers import free_port
 
@@ -99,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             server.terminate()
             server.wait(timeout=60)
+    from stages.evaluation.prices import predict_prices
+
+    evaluation_ips = predict_prices(
+        paths, params, read_jsonl(paths.split("test")), paths.adapter, False
+    ).items_per_second
     pricer = Pricer().load(model_config(params, paths), paths.adapter)
     started = time.perf_counter()
     pricer.answers(pd.DataFrame({"text": texts}))
@@ -109,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         "served_one_item": latencies(single, 1),
         "served_batches": latencies(batched, size),
         "batch_prediction_items_per_second": round(batch_ips, 2),
-        "evaluate_adapter_items_per_second": read_json(paths.eval_metrics).get("items_per_second"),
+        "evaluate_adapter_items_per_second": round(evaluation_ips, 2),
     }
     print(f"\n{describe(result['machine'])}; server start-up {result['startup_seconds']} s")
     for name in ("served_one_item", "served_batches"):

@@ -113,8 +113,9 @@ class Pricer(mlflow.pyfunc.PythonModel):
 
     def load(self, config: dict, adapter: Path) -> Pricer:
         """Load base and adapter as `config` says (also used without MLflow: `python -m serving.predict`)."""
-        from stages.common.modeling import load_adapter_model, load_tokenizer
+        from stages.common.modeling import load_adapter_model, load_tokenizer, set_threads
 
+        set_threads(0)  # one thread per core, as evaluate_adapter runs (torch's default may use fewer)
         base = resolve_base(config["base"])
         self.config = config
         self.prompt = PromptConfig(**config["prompt"])
