@@ -92,15 +92,19 @@ def resolve_base(base: dict) -> Path:
     return path
 
 
+ANSWER_SLOT = {"role": "assistant", "content": ""}  # the turn a chat input asks for, as a split row ends with it
+
+
 def rows_from_frame(frame, shape: str, column: str) -> list[dict]:
-    """Split-shaped rows from the input column of a DataFrame (messages may come as JSON text)."""
+    """Split-shaped rows from the input column of a DataFrame. A chat input is the conversation so far (a
+    list of role/content turns, or that list as JSON text); the row gets the assistant turn to be answered."""
     if column not in frame.columns:
         raise StageError(f"the input has no column {column!r} (columns: {list(frame.columns)})")
     values = frame[column].tolist()
     if shape == PRICE:
         return [{"text": str(v)} for v in values]
     if shape == CHAT:
-        return [{"messages": json.loads(v) if isinstance(v, str) else list(v)} for v in values]
+        return [{"messages": [*(json.loads(v) if isinstance(v, str) else list(v)), ANSWER_SLOT]} for v in values]
     return [{"prompt": str(v)} for v in values]
 
 
@@ -161,11 +165,11 @@ def signature(config: dict):
 
 
 def input_example(config: dict, test_rows: list[dict]):
-    """Two test items as the model takes them (chat turns as JSON text)."""
+    """Two test items as the model takes them (a chat as its turns before the answer, as JSON text)."""
     import pandas as pd
 
     field = {PRICE: "text", CHAT: "messages"}.get(config["shape"], "prompt")
-    values = [r[field] if field != "messages" else json.dumps(r[field]) for r in test_rows[:2]]
+    values = [r[field] if field != "messages" else json.dumps(r[field][:-1]) for r in test_rows[:2]]
     return pd.DataFrame({config["input_column"]: values})
 
 

@@ -1,4 +1,4 @@
-"""Every module in stages/, flows/ and bench/ imports, and importing a stage does not pull in torch or prefect."""
+"""Every module in stages/, serving/, flows/ and bench/ imports; importing a stage pulls in no torch or prefect."""
 
 import importlib
 import pkgutil
@@ -10,9 +10,10 @@ import pytest
 
 import bench
 import flows
+import serving
 import stages
 
-PACKAGES = (stages, flows, bench)
+PACKAGES = (stages, serving, flows, bench)
 FOUND = [
     (name, is_package)
     for package in PACKAGES

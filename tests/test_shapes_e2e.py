@@ -206,3 +206,22 @@ def test_a_split_mixing_shapes_names_the_line(project, tiny_model_dir, capsys):
         (splits / f"{name}.jsonl").write_text(body, encoding="utf-8")
     assert tokenize_data.main([]) == 1
     assert "train.jsonl:2: a price row in a file of prompt_completion rows" in capsys.readouterr().err
+
+
+def test_the_mlflow_model_answers_text_data_as_evaluation_did(shaped_project):
+    """serving/pricer.py on prompts (or conversations so far, without the answer) gives evaluation's outputs."""
+    import pandas as pd
+
+    from serving.pricer import Pricer, model_config
+
+    paths, params = shaped_project
+    size = params.evaluate.batch_size
+    test, evaluated = read_jsonl(paths.split("test"))[:size], read_jsonl(paths.predictions)[:size]
+    config = model_config(params, paths)
+    if config["shape"] == "chat":
+        inputs = [json.dumps(row["messages"][:-1]) for row in test]
+    else:
+        inputs = [row["prompt"] for row in test]
+    answers = Pricer().load(config, paths.adapter).answers(pd.DataFrame({config["input_column"]: inputs}))
+    assert list(answers.columns) == ["completion"]
+    assert list(answers["completion"]) == [row["adapter_output"] for row in evaluated]
