@@ -60,10 +60,9 @@ def test_the_registry_version_points_at_the_model(registered):
     assert version.source == model.artifact_location and model.source_run_id == record["run_id"]
 
 
-@pytest.fixture(scope="module")
-def served_champion(registered):
-    """`mlflow models serve` of the champion on a loopback port (the make target's command): (url, registered)."""
-    paths, _, uri, record = registered
+def serve(root: Path, uri: str, alias: str):
+    """Start `mlflow models serve` of `models:/<MODEL>@alias` on a loopback port (the make target's command) and
+    wait for /ping: (server process, url)."""
     port = free_port()
     # mlflow starts `uvicorn` by name: this interpreter's bin folder first, as `make serve-champion` has it
     env = {
@@ -72,34 +71,96 @@ def served_champion(registered):
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     }
     command = [
-        sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL}@{record['alias']}",
+        sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL}@{alias}",
         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
-    log = (paths.root / "serve.log").open("w")
-    server = subprocess.Popen(command, cwd=paths.root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    log_path = root / f"serve-{port}.log"
+    server = subprocess.Popen(command, cwd=root, env=env, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=5) as answer:
+                if answer.status == 200:
+                    return server, url
+        except OSError:
+            time.sleep(1)
+        if server.poll() is not None:
+            break
+    stop(server)
+    pytest.fail(f"the server did not start:\n{log_path.read_text()[-3000:]}")
+
+
+def stop(server) -> None:
+    server.terminate()
+    server.wait(timeout=60)
+
+
+def invoke(url: str, texts: list[str]) -> list[dict]:
+    """POST the texts to the server's /invocations as MLflow's dataframe_records; its predictions."""
+    body = json.dumps({"dataframe_records": [{"text": text} for text in texts]}).encode()
+    request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as answer:
+        return json.load(answer)["predictions"]
+
+
+@pytest.fixture(scope="module")
+def served_champion(registered):
+    """The champion served on loopback: (url, registered)."""
+    paths, _, uri, record = registered
+    server, url = serve(paths.root, uri, record["alias"])
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=5) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                time.sleep(1)
-            assert server.poll() is None, (paths.root / "serve.log").read_text()[-3000:]
         yield url, registered
     finally:
-        server.terminate()
-        server.wait(timeout=60)
+        stop(server)
 
 
 def test_a_served_champion_answers_the_prices_evaluation_scored(served_champion):
     url, (paths, params, _, _) = served_champion
     items, evaluated = first_batch(paths, params)
-    body = json.dumps({"dataframe_records": [{"text": item["text"]} for item in items]}).encode()
-    request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=120) as answer:
-        predictions = json.load(answer)["predictions"]
+    predictions = invoke(url, [item["text"] for item in items])
     assert [p["completion"] for p in predictions] == [row["adapter_output"] for row in evaluated]
     assert [p.get("price") for p in predictions] == [row["adapter_prediction"] for row in evaluated]
+
+
+def test_a_restarted_server_serves_the_version_the_alias_moved_to(registered, tmp_path, monkeypatch):
+    """The loop docs/serving.md shows: an alias is served, a new version takes it, the server restarts and
+    answers as the new version does (an adapter with scaled LoRA B weights, so its completions differ). The
+    alias is not the champion's, which the other tests of this session read."""
+    import mlflow
+    import pandas as pd
+    from mlflow import MlflowClient
+    from safetensors.torch import load_file, save_file
+
+    from serving.pricer import log_model
+    from tests.conftest import copy_outputs
+
+    paths, params, uri, record = registered
+    client = MlflowClient(tracking_uri=uri)
+    items, evaluated = first_batch(paths, params)
+    texts = [item["text"] for item in items]
+    client.set_registered_model_alias(MODEL, "serving", record["version"])
+    server, url = serve(paths.root, uri, "serving")
+    try:
+        assert [p["completion"] for p in invoke(url, texts)] == [row["adapter_output"] for row in evaluated]
+    finally:
+        stop(server)
+
+    retrained = copy_outputs(paths, tmp_path)
+    weights_file = retrained.adapter / "adapter_model.safetensors"
+    weights = load_file(weights_file)
+    save_file({name: w * 40 if "lora_B" in name else w for name, w in weights.items()}, weights_file)
+    logged = log_model(client, record["run_id"], params, retrained, items)
+    version = client.create_model_version(MODEL, logged.artifact_location, run_id=record["run_id"]).version
+    client.set_registered_model_alias(MODEL, "serving", version)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    expected = list(
+        mlflow.pyfunc.load_model(f"models:/{MODEL}/{version}").predict(pd.DataFrame({"text": texts}))["completion"]
+    )
+    assert expected != [row["adapter_output"] for row in evaluated], "the new version must answer differently"
+
+    server, url = serve(paths.root, uri, "serving")
+    try:
+        assert [p["completion"] for p in invoke(url, texts)] == expected
+    finally:
+        stop(server)
