@@ -15,19 +15,23 @@ Run: `python -m stages.tokenize_data` (or `dvc repro tokenize_data`).
 
 from __future__ import annotations
 
+import tempfile
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
 
 from stages.common.charts import token_histogram
 from stages.common.cli import run_stage
 from stages.common.config import CHAT, Params, PromptConfig
-from stages.common.errors import StageError
-from stages.common.io import atomic_path, read_jsonl, write_csv, write_json
+from stages.common.errors import InputError, StageError
+from stages.common.io import atomic_path, numbered_jsonl, write_csv, write_json
 from stages.common.labels import IGNORE_INDEX
 from stages.common.modeling import load_tokenizer
 from stages.common.paths import Paths
-from stages.common.rows import TARGET_FIELD, split_shape
-from stages.common.shapes import encode_row, require_chat_template
+from stages.common.rows import TARGET_FIELD, numbered_shape
+from stages.common.shapes import encode_rows, require_chat_template
 from stages.common.spec import StageSpec
 
 SPEC = StageSpec(
@@ -39,6 +43,9 @@ SPEC = StageSpec(
 )
 TOKENIZED_SPLITS = ("train", "val")
 HISTOGRAM_BIN = 8  # tokens per bar of the DVC length plot
+# Rows read, tokenized and written per step: big enough for the tokenizer's batch parallelism, small enough
+# that memory stays flat however long the split (the course's 400k rows).
+CHUNK_ROWS = 8192
 
 
 @dataclass(frozen=True)
@@ -48,25 +55,66 @@ class Result:
     max_tokens: int
 
 
-def encode_split(tokenizer, rows: list[dict], cfg: PromptConfig, where: str) -> tuple[dict[str, list], int]:
-    """Columns input_ids/labels for `rows` (of any one shape), and how many were truncated; `where` names
-    the file in errors."""
-    shape = split_shape(rows, where)
-    if shape == CHAT:
-        require_chat_template(tokenizer, where)
-    columns: dict[str, list] = {"input_ids": [], "labels": []}
-    truncated = 0
-    for line, row in enumerate(rows, start=1):
-        encoded = encode_row(tokenizer, row, shape, cfg)
-        if not encoded.completion_fits or all(label == IGNORE_INDEX for label in encoded.labels):
+@dataclass
+class SplitTokens:
+    """What tokenizing one split gave: its examples' lengths (for the report) and how many were cut."""
+
+    lengths: list[int]
+    truncated: int = 0
+
+
+def arrow_schema():
+    """The columns' types: int32 ids (any vocabulary fits) and int64 labels, as `datasets` infers them."""
+    import pyarrow as pa
+
+    return pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int64()))])
+
+
+def numbered_chunks(path: Path, size: int) -> Iterator[list[tuple[int, dict]]]:
+    """The file's (line, row) pairs, `size` at a time."""
+    rows = numbered_jsonl(path)
+    while chunk := list(islice(rows, size)):
+        yield chunk
+
+
+def encode_chunk(tokenizer, numbered: list[tuple[int, dict]], shape: str, cfg: PromptConfig, where: str):
+    """Encoded rows of one chunk; StageError naming the file and line of a row whose completion cannot fit."""
+    encoded = encode_rows(tokenizer, [row for _, row in numbered], shape, cfg)
+    for (line, _), example in zip(numbered, encoded, strict=True):
+        # ids are never negative, so the largest label is IGNORE_INDEX only when no token is labelled
+        if not example.completion_fits or max(example.labels, default=IGNORE_INDEX) == IGNORE_INDEX:
             raise StageError(
                 f"{where}:{line}: field {TARGET_FIELD[shape]!r} gives a completion that does not fit in "
                 f"prompt.max_length={cfg.max_length} tokens, so the example would teach nothing; raise max_length"
             )
-        columns["input_ids"].append(encoded.input_ids)
-        columns["labels"].append(encoded.labels)
-        truncated += encoded.truncated
-    return columns, truncated
+    return encoded
+
+
+def tokenize_split(tokenizer, source: Path, cfg: PromptConfig, arrow_file: Path) -> SplitTokens:
+    """Tokenize the split file `source` chunk by chunk into the Arrow stream `arrow_file` (columns input_ids and
+    labels); its lengths and truncation count. Errors name the file and line (shape, JSON, completion fit)."""
+    import pyarrow as pa
+    from tqdm.auto import tqdm
+
+    where, shape, result = str(source), None, SplitTokens(lengths=[])
+    schema = arrow_schema()
+    with (
+        pa.ipc.new_stream(str(arrow_file), schema) as writer,
+        tqdm(desc=f"tokenizing {source.name}", unit=" rows", unit_scale=True) as progress,
+    ):
+        for numbered in numbered_chunks(source, CHUNK_ROWS):
+            if shape is None and numbered_shape(numbered[:1], where) == CHAT:
+                require_chat_template(tokenizer, where)
+            shape = numbered_shape(numbered, where, expected=shape)
+            encoded = encode_chunk(tokenizer, numbered, shape, cfg, where)
+            columns = {"input_ids": [e.input_ids for e in encoded], "labels": [e.labels for e in encoded]}
+            writer.write_batch(pa.RecordBatch.from_pydict(columns, schema=schema))
+            result.lengths += [len(e.input_ids) for e in encoded]
+            result.truncated += sum(e.truncated for e in encoded)
+            progress.update(len(encoded))
+    if shape is None:
+        raise InputError(f"{where}: no rows; run split_data first")
+    return result
 
 
 def length_rows(lengths: dict[str, list[int]]) -> list[dict]:
@@ -84,23 +132,28 @@ def run(params: Params, paths: Paths) -> Result:
 
     cfg = params.prompt
     tokenizer = load_tokenizer(paths.base_model)
-    encoded, truncated, lengths = {}, {}, {}
-    for name in TOKENIZED_SPLITS:
-        source = paths.split(name)
-        columns, truncated[name] = encode_split(tokenizer, read_jsonl(source), cfg, str(source))
-        encoded[name] = Dataset.from_dict(columns)
-        lengths[name] = [len(ids) for ids in columns["input_ids"]]
-    with atomic_path(paths.tokenized) as tmp:
-        DatasetDict(encoded).save_to_disk(str(tmp))
+    paths.tokenized.parent.mkdir(parents=True, exist_ok=True)
+    # the Arrow streams are written as the rows are read, then saved as the dataset; the scratch folder sits
+    # beside the output so both are on one disk, and goes away whatever happens
+    with tempfile.TemporaryDirectory(prefix=".tokenize-", dir=paths.tokenized.parent) as scratch:
+        splits, datasets = {}, {}
+        for name in TOKENIZED_SPLITS:
+            arrow_file = Path(scratch) / f"{name}.arrow"
+            splits[name] = tokenize_split(tokenizer, paths.split(name), cfg, arrow_file)
+            datasets[name] = Dataset.from_file(str(arrow_file))
+        with atomic_path(paths.tokenized) as tmp:
+            DatasetDict(datasets).save_to_disk(str(tmp))
+        del datasets  # memory-mapped from the scratch files: released before they are removed
+    lengths = {name: split.lengths for name, split in splits.items()}
     report = {
         name: {
-            "examples": len(lengths[name]),
-            "truncated": truncated[name],
-            "tokens": sum(lengths[name]),
-            "mean_tokens": sum(lengths[name]) / len(lengths[name]),
-            "max_tokens": max(lengths[name]),
+            "examples": len(split.lengths),
+            "truncated": split.truncated,
+            "tokens": sum(split.lengths),
+            "mean_tokens": sum(split.lengths) / len(split.lengths),
+            "max_tokens": max(split.lengths),
         }
-        for name in TOKENIZED_SPLITS
+        for name, split in splits.items()
     }
     write_json(paths.token_metrics, report)
     write_csv(paths.token_lengths_plot, length_rows(lengths))
@@ -112,7 +165,7 @@ def run(params: Params, paths: Paths) -> Result:
         )
     return Result(
         examples={n: r["examples"] for n, r in report.items()},
-        truncated=truncated,
+        truncated={n: r["truncated"] for n, r in report.items()},
         max_tokens=max(r["max_tokens"] for r in report.values()),
     )
 

@@ -27,28 +27,59 @@ def test_labels_mask_the_prompt(pipeline_project):
 
 
 def test_truncation_is_counted(pipeline_project, tmp_path):
+    from datasets import Dataset
+
+    from stages.common.io import read_jsonl, write_jsonl
+    from stages.common.modeling import load_tokenizer
+
     paths, _params, _ = pipeline_project
-    tokenizer_params = params_from_dict({"prompt": {"max_length": 90}})
-    from stages.common.io import read_jsonl
+    cfg = params_from_dict({"prompt": {"max_length": 90}}).prompt
+    source = tmp_path / "val.jsonl"
+    long_row = {"text": "A silver kettle with a long description. " * 10, "price": 12.0}
+    write_jsonl(source, [long_row, *read_jsonl(paths.split("val"))])
+    split = tokenize_data.tokenize_split(load_tokenizer(paths.base_model), source, cfg, tmp_path / "val.arrow")
+    assert split.truncated == 1 and max(split.lengths) <= 90
+    written = Dataset.from_file(str(tmp_path / "val.arrow"))["input_ids"]
+    assert [len(ids) for ids in written] == split.lengths and len(written) == 1 + len(read_jsonl(paths.split("val")))
+
+
+def test_no_label_left_names_file_and_line(pipeline_project, tmp_path):
     from stages.common.modeling import load_tokenizer
 
-    rows = [{"text": "A silver kettle with a long description. " * 10, "price": 12.0}, *read_jsonl(paths.split("val"))]
-    columns, truncated = tokenize_data.encode_split(
-        load_tokenizer(paths.base_model), rows, tokenizer_params.prompt, "val.jsonl"
-    )
-    assert truncated >= 1 and max(len(ids) for ids in columns["input_ids"]) <= 90
-
-
-def test_no_label_left_names_file_and_line(pipeline_project):
     paths, _, _ = pipeline_project
-    from stages.common.io import read_jsonl
-    from stages.common.modeling import load_tokenizer
-
     cfg = params_from_dict({"prompt": {"max_length": 3, "add_eos": False}}).prompt
     with pytest.raises(tokenize_data.StageError, match=r"train.jsonl:1: field 'price'"):
-        tokenize_data.encode_split(
-            load_tokenizer(paths.base_model), read_jsonl(paths.split("train")), cfg, "train.jsonl"
-        )
+        tokenize_data.tokenize_split(load_tokenizer(paths.base_model), paths.split("train"), cfg, tmp_path / "a")
+
+
+def test_chunks_give_the_dataset_one_pass_gives(pipeline_project, tmp_path, monkeypatch):
+    """Read in chunks of 5 rows, train.jsonl tokenizes to the same columns, types and lengths as in one chunk."""
+    from datasets import Dataset
+
+    from stages.common.modeling import load_tokenizer
+
+    paths, params, _ = pipeline_project
+    tokenizer = load_tokenizer(paths.base_model)
+    whole = tokenize_data.tokenize_split(tokenizer, paths.split("train"), params.prompt, tmp_path / "whole.arrow")
+    monkeypatch.setattr(tokenize_data, "CHUNK_ROWS", 5)
+    chunked = tokenize_data.tokenize_split(tokenizer, paths.split("train"), params.prompt, tmp_path / "chunks.arrow")
+    first, second = (Dataset.from_file(str(tmp_path / name)) for name in ("whole.arrow", "chunks.arrow"))
+    assert first.to_dict() == second.to_dict() and len(first) == 48
+    assert first.features == second.features and str(first.features["input_ids"].feature.dtype) == "int32"
+    assert whole == chunked
+
+
+def test_a_row_of_another_shape_in_a_later_chunk_is_named_by_its_line(pipeline_project, tmp_path, monkeypatch):
+    from stages.common.io import read_jsonl, write_jsonl
+    from stages.common.modeling import load_tokenizer
+
+    paths, params, _ = pipeline_project
+    rows = read_jsonl(paths.split("train"))[:7]
+    source = tmp_path / "train.jsonl"
+    write_jsonl(source, [*rows, {"prompt": "a lamp", "completion": "yes"}])
+    monkeypatch.setattr(tokenize_data, "CHUNK_ROWS", 3)
+    with pytest.raises(tokenize_data.InputError, match=r"train.jsonl:8: a prompt_completion row in a file of price"):
+        tokenize_data.tokenize_split(load_tokenizer(paths.base_model), source, params.prompt, tmp_path / "a.arrow")
 
 
 def test_broken_jsonl_line_exits_1_naming_file_and_line(project, tiny_model_dir, capsys):

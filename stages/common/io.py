@@ -57,18 +57,22 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Read a JSONL file; a broken line raises InputError naming the file and line number."""
-    rows = []
+def numbered_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, row) of each non-blank line of a JSONL file, read as it goes; a broken line raises
+    InputError naming the file and line number."""
     with Path(path).open(encoding="utf-8") as fh:
         for number, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                yield number, json.loads(line)
             except json.JSONDecodeError as exc:
                 raise InputError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
-    return rows
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Every row of a JSONL file; a broken line raises InputError naming the file and line number."""
+    return [row for _, row in numbered_jsonl(path)]
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:

@@ -10,6 +10,7 @@ A split file's shape follows from its rows' fields (`split_shape`), so the split
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from stages.common.config import CHAT, PAIR, PRICE
 from stages.common.errors import InputError
@@ -35,19 +36,25 @@ def row_shape(row: dict) -> str | None:
 
 def split_shape(rows: list[dict], where: str) -> str:
     """The one shape of every row in a split file; InputError naming the line of a row that differs."""
-    first = None
-    for line, row in enumerate(rows, start=1):
+    shape = numbered_shape(enumerate(rows, start=1), where)
+    if shape is None:
+        raise InputError(f"{where}: no rows; run split_data first")
+    return shape
+
+
+def numbered_shape(numbered: Iterable[tuple[int, dict]], where: str, expected: str | None = None) -> str | None:
+    """The one shape of (line, row) pairs, which must be `expected` when given (the shape of the file's earlier
+    rows, for a file read in chunks); InputError naming the line of a row that differs; None for no rows."""
+    for line, row in numbered:
         shape = row_shape(row)
         if shape is None:
             raise InputError(
                 f"{where}:{line}: fields {sorted(row)}; expected text+price, prompt+completion or messages"
             )
-        if first is not None and shape != first:
-            raise InputError(f"{where}:{line}: a {shape} row in a file of {first} rows")
-        first = shape
-    if first is None:
-        raise InputError(f"{where}: no rows; run split_data first")
-    return first
+        if expected is not None and shape != expected:
+            raise InputError(f"{where}:{line}: a {shape} row in a file of {expected} rows")
+        expected = shape
+    return expected
 
 
 def row_key(row: dict) -> str:

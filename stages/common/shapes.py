@@ -12,7 +12,7 @@ from __future__ import annotations
 from stages.common.config import PAIR, PRICE, PromptConfig
 from stages.common.errors import InputError
 from stages.common.labels import IGNORE_INDEX
-from stages.common.prompts import Encoded, encode_example, render_completion, truncate_prompt
+from stages.common.prompts import Encoded, encode_examples, render_completion, truncate_prompt
 
 VERBATIM = "{text}"  # the "template" of a prompt/completion row: its prompt as it is
 
@@ -62,14 +62,17 @@ def encode_chat(tokenizer, messages: list[dict], max_length: int) -> Encoded:
     return Encoded(input_ids=ids[:max_length], labels=labels[:max_length], truncated=truncated, completion_fits=True)
 
 
-def encode_row(tokenizer, row: dict, shape: str, cfg: PromptConfig) -> Encoded:
-    """Input ids and completion-only labels for one split row of `shape`."""
+def encode_rows(tokenizer, rows: list[dict], shape: str, cfg: PromptConfig) -> list[Encoded]:
+    """Input ids and completion-only labels for split rows of `shape`, one Encoded per row; price and
+    prompt/completion rows are tokenized as batches (see `encode_examples`)."""
     if shape == PRICE:
-        completion = render_completion(cfg.completion, row["price"])
-        return encode_example(tokenizer, cfg.template, row["text"], completion, cfg.max_length, cfg.add_eos)
+        completions = [render_completion(cfg.completion, row["price"]) for row in rows]
+        texts = [row["text"] for row in rows]
+        return encode_examples(tokenizer, cfg.template, texts, completions, cfg.max_length, cfg.add_eos)
     if shape == PAIR:
-        return encode_example(tokenizer, VERBATIM, row["prompt"], row["completion"], cfg.max_length, cfg.add_eos)
-    return encode_chat(tokenizer, row["messages"], cfg.max_length)
+        prompts, completions = [row["prompt"] for row in rows], [row["completion"] for row in rows]
+        return encode_examples(tokenizer, VERBATIM, prompts, completions, cfg.max_length, cfg.add_eos)
+    return [encode_chat(tokenizer, row["messages"], cfg.max_length) for row in rows]
 
 
 def generation_prompt(tokenizer, row: dict, shape: str, cfg: PromptConfig, max_new_tokens: int) -> str:

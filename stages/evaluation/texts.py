@@ -18,7 +18,7 @@ from stages.common.metrics import text_metrics
 from stages.common.modeling import load_adapter_model, load_tokenizer
 from stages.common.paths import Paths
 from stages.common.rows import reference
-from stages.common.shapes import encode_row, generation_prompt, require_chat_template
+from stages.common.shapes import encode_rows, generation_prompt, require_chat_template
 
 MODELS = ("adapter", "base_zero_shot")
 
@@ -42,7 +42,7 @@ def predict_text(
     tokenizer = load_tokenizer(paths.base_model)
     if shape == CHAT:
         require_chat_template(tokenizer, str(paths.split("test")))
-    encoded = [encode_row(tokenizer, row, shape, params.prompt) for row in test]
+    encoded = encode_rows(tokenizer, test, shape, params.prompt)
     warn_short_generation(tokenizer, [reference(row, shape) for row in test], cfg.max_new_tokens)
     prompts = [generation_prompt(tokenizer, row, shape, params.prompt, cfg.max_new_tokens) for row in test]
     model = load_adapter_model(paths.base_model, adapter, params.quantization)

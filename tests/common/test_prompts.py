@@ -1,7 +1,7 @@
 import pytest
 
 from stages.common.labels import IGNORE_INDEX
-from stages.common.prompts import encode_example, truncate_prompt
+from stages.common.prompts import encode_example, encode_examples, truncate_prompt
 
 TEMPLATE = "How much does this cost to the nearest dollar?\n\n{text}\n\nPrice is $"
 
@@ -42,3 +42,15 @@ def test_template_longer_than_max_length_keeps_its_ending(tokenizer):
     encoded = encode_example(tokenizer, TEMPLATE, "A lamp.", "7.00", max_length=20, add_eos=False)
     assert len(encoded.input_ids) == 20
     assert tokenizer.decode(encoded.input_ids).endswith("Price is $7.00")
+
+
+def test_encoding_many_rows_at_once_gives_what_one_at_a_time_gives(tokenizer):
+    texts = ["A red lamp.", "A green drill with many parts. " * 30, "Ein Stuhl, 40 cm.", "x"]
+    completions = ["42.00", "123.00", "7.50", "1000.00"]
+    for max_length, add_eos in ((128, True), (40, False), (12, True)):
+        one_by_one = [
+            encode_example(tokenizer, TEMPLATE, t, c, max_length, add_eos)
+            for t, c in zip(texts, completions, strict=True)
+        ]
+        assert encode_examples(tokenizer, TEMPLATE, texts, completions, max_length, add_eos) == one_by_one
+    assert any(e.truncated for e in one_by_one)
