@@ -1,29 +1,37 @@
-"""Benchmark: the project's train_qlora against the course-style trainer, same machine, same run.
+"""Benchmark: the project's train_qlora against TRL's SFTTrainer set up two ways, same machine, same run.
 
-The baseline is written the way the course does it: TRL's SFTTrainer on the same base loaded in 4-bit NF4,
-the same LoRA (params `lora`, passed as `peft_config`), every sequence padded to `prompt.max_length` (182),
-batch `train.batch_size` (4), no packing, TRL's defaults otherwise (which keep a quantized model's adapter
-in bfloat16). The project side is stages/train_qlora's own model and Trainer (labelled-position logits,
-batches padded to their longest example; length-grouped with `train.group_by_length`, padding-free rows
-with `train.padding_free`). Both take the same optimizer, schedule and learning rate from params, the same
-train split and the same number of optimizer steps, each in its own process (peak RSS is per process),
-alternating baseline, project, baseline, project... Round k runs both with seed `train.seed` + k - 1, so
-the validation losses compare the two over several seeds rather than one draw of the noise. Within a round
-both tokenize the rows identically (checked: the same input ids and labels for all 600), see the same data
-order and start from the same adapter weights (`same_starting_adapter`); their dropout masks differ, since
-the baseline draws them for 182 positions per row.
+Two peers, both TRL's SFTTrainer on the same base loaded in 4-bit NF4 with the same LoRA (params `lora`, passed
+as `peft_config`), batch `train.batch_size`, no packing:
+- `baseline`, the course's notebook: every sequence padded to `prompt.max_length` (182);
+- `careful`, what TRL's documentation recommends today: each batch padded to its longest example only and the
+  loss on the completion only. Padding-free batches are not used: TRL makes them correct only with
+  FlashAttention kernels, which do not run on a CPU (with SDPA, rows in one batch would attend to each other).
+TRL's defaults hold otherwise (it keeps a quantized model's adapter in bfloat16, and computes the logits and a
+token-accuracy metric at every position), except where the comparison must hold something equal: the
+optimizer, schedule, learning rate, gradient checkpointing and float32 compute come from params, as the
+project's. The project side is stages/train_qlora's own model and Trainer (labelled-position logits, batches
+padded to their longest example; length-grouped with `train.group_by_length`, padding-free rows with
+`train.padding_free`). All take the same train split and the same number of optimizer steps, each in its own
+process (peak RSS is per process), alternating trainers within a round. Round k runs each with seed
+`train.seed` + k - 1, so the validation losses compare them over several seeds rather than one draw of the
+noise. Within a round all tokenize the rows identically (checked: the same input ids and labels for all 600),
+see the same data order and start from the same adapter weights (`same_starting_adapter`); their dropout
+masks differ, since the peers draw them for their padded positions too.
 
 Reported per trainer (median over rounds): useful (non-pad) tokens per second of training, training wall
 seconds, peak RSS, the share of computed tokens that were padding, the validation loss afterwards (mean per
-labelled token over data/tokenized/val, computed by the same function for both; mean over seeds, and per
-seed), and model-FLOPs utilisation: useful tokens/s x FLOPs per token / this CPU's peak. FLOPs per token
-~ 4 N + 12 L d T (stages/training/planner.py: N the weights of every linear layer and LoRA, L layers, d
-attention width, T the mean example length); the peak is cores x clock x 64 float32 FLOPs per cycle (two
-AVX-512 FMA units x 16 lanes x 2), printed with the float32 matmul rate measured here for scale.
-Needs a finished pipeline (`make demo`): models/base, data/splits and data/tokenized.
+labelled token over data/tokenized/val, computed by the same function for all; mean over seeds, and per
+seed), and model-FLOPs utilisation. The project's speed-up over each peer is the ratio of the medians; its
+validation loss against each peer is a paired comparison over the seeds (mean difference and its 95%
+t-interval). FLOPs per token ~ 4 N + 12 L d T (stages/training/planner.py: N the weights of every linear layer
+and LoRA, L layers, d attention width, T the mean example length). MFU is given against two roofs
+(bench/machine.py): the nominal float32 peak from this CPU's vector units, and a 2048^2 float32 matmul rate
+measured before the first run and after every round (its median, with min and max, since it moves on shared
+machines). Needs a finished pipeline (`make demo`): models/base, data/splits and data/tokenized.
 Writes bench/results/train_throughput.json (train_throughput_seed<first seed>.json with --seed-offset).
 
-Run: `python -m bench.train_throughput [--steps 40] [--rounds 3] [--seed-offset 0]` (or `make bench-train`).
+Run: `python -m bench.train_throughput [--steps 40] [--rounds 3] [--seed-offset 0] [--trainers careful project]`
+(or `make bench-train`).
 """
 
 from __future__ import annotations
@@ -41,8 +49,8 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_throughput.json"
-TRAINERS = ("baseline", "project")
-FP32_FLOPS_PER_CYCLE = 64  # two AVX-512 FMA units x 16 float32 lanes x 2 FLOPs (multiply and add)
+TRAINERS = ("baseline", "careful", "project")
+PEERS = ("baseline", "careful")  # the trainers the project is compared with
 
 
 class CountingCollator:
@@ -129,8 +137,9 @@ def course_pairs(rows: list[dict], prompt) -> list[dict]:
     raise SystemExit(f"the baseline handles price and prompt/completion data, not {shape}")
 
 
-def train_baseline(params, paths):
-    """(model, tokenizer, counter, seconds): TRL's SFTTrainer as the course sets it up, trained `max_steps`."""
+def train_peer(params, paths, padded: bool):
+    """(model, tokenizer, counter, seconds): TRL's SFTTrainer trained `max_steps`, as the course sets it up
+    (`padded`: every sequence to max_length) or as TRL recommends (each batch to its longest example)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -164,7 +173,7 @@ def train_baseline(params, paths):
         max_length=params.prompt.max_length,
         packing=False,
         padding_free=False,
-        pad_to_multiple_of=params.prompt.max_length,  # every sequence padded to max_length, as in the course
+        pad_to_multiple_of=params.prompt.max_length if padded else None,
         completion_only_loss=True,
     )
     trainer = SFTTrainer(
@@ -247,8 +256,10 @@ def measure(trainer_name: str, steps: int, seed_offset: int = 0) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-train-") as folder:
         paths = scratch_project(Path(folder))
         set_seed(params.train.seed)
-        train = train_baseline if trainer_name == "baseline" else train_project
-        model, tokenizer, counter, seconds = train(params, paths)
+        if trainer_name == "project":
+            model, tokenizer, counter, seconds = train_project(params, paths)
+        else:
+            model, tokenizer, counter, seconds = train_peer(params, paths, padded=trainer_name == "baseline")
         val = load_from_disk(str(paths.tokenized))["val"]
         val_loss = validation_loss(model, tokenizer, val)
     computed, useful = counter.totals(steps * params.train.grad_accum)
@@ -263,31 +274,6 @@ def measure(trainer_name: str, steps: int, seed_offset: int = 0) -> dict:
         "padding_fraction": round(1 - useful / computed, 4),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # Linux: KiB
         "val_loss": round(val_loss, 4),
-    }
-
-
-def cpu_peak_flops() -> dict:
-    """This CPU's nominal float32 peak (cores x clock x FLOPs per cycle) and a measured 2048^2 matmul rate."""
-    import torch
-
-    clock_hz = None
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("cpu MHz"):
-            clock_hz = float(line.split(":")[1]) * 1e6
-            break
-    cores = torch.get_num_threads()
-    a = torch.randn(2048, 2048)
-    torch.mm(a, a)
-    started, repeats = time.perf_counter(), 10
-    for _ in range(repeats):
-        torch.mm(a, a)
-    measured = repeats * 2 * 2048**3 / (time.perf_counter() - started)
-    return {
-        "cores": cores,
-        "clock_ghz": round(clock_hz / 1e9, 2) if clock_hz else None,
-        "flops_per_cycle_per_core": FP32_FLOPS_PER_CYCLE,
-        "peak_gflops": round(cores * clock_hz * FP32_FLOPS_PER_CYCLE / 1e9, 1) if clock_hz else None,
-        "measured_matmul_gflops": round(measured / 1e9, 1),
     }
 
 
@@ -319,14 +305,37 @@ def run_child(trainer_name: str, steps: int, seed_offset: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def summarise(runs: list[dict], cpu: dict) -> dict:
-    """Median figures per trainer, MFU, and the project's speed-up over the baseline."""
+def paired_difference(runs: list[dict], peer: str) -> dict | None:
+    """The peer's validation loss minus the project's, seed by seed: mean and 95% t-interval (None under 2
+    seeds). Positive: the project ends lower."""
+    from scipy import stats
+
+    by_seed: dict[int, dict[str, float]] = {}
+    for r in runs:
+        by_seed.setdefault(r["seed"], {})[r["trainer"]] = r["val_loss"]
+    differences = [s[peer] - s["project"] for s in by_seed.values() if peer in s and "project" in s]
+    if len(differences) < 2:
+        return None
+    mean = statistics.mean(differences)
+    half = stats.t.ppf(0.975, len(differences) - 1) * statistics.stdev(differences) / len(differences) ** 0.5
+    return {
+        "seeds": len(differences),
+        "mean": round(mean, 5),
+        "low": round(mean - half, 5),
+        "high": round(mean + half, 5),
+    }
+
+
+def summarise(runs: list[dict], peak: dict, roof: dict) -> dict:
+    """Median figures per trainer, MFU against both roofs, and the project against each peer: speed-up and the
+    paired validation-loss difference."""
     summary = {}
-    for name in TRAINERS:
+    for name in dict.fromkeys(r["trainer"] for r in runs):
         mine = [r for r in runs if r["trainer"] == name]
         tokens_per_second = statistics.median(r["useful_tokens_per_second"] for r in mine)
         mean_length = mine[0]["useful_tokens"] / (mine[0]["steps"] * bench_params(1).train.batch_size)
         flops = flops_per_token(mean_length)
+        useful_gflops = tokens_per_second * flops / 1e9
         summary[name] = {
             "useful_tokens_per_second": tokens_per_second,
             "train_seconds": statistics.median(r["train_seconds"] for r in mine),
@@ -334,41 +343,52 @@ def summarise(runs: list[dict], cpu: dict) -> dict:
             "padding_fraction": mine[0]["padding_fraction"],
             "val_loss": statistics.mean(r["val_loss"] for r in mine),
             "flops_per_token": flops,
-            "mfu": round(tokens_per_second * flops / (cpu["peak_gflops"] * 1e9), 4) if cpu["peak_gflops"] else None,
+            "useful_gflops": round(useful_gflops, 1),
+            "mfu_nominal": round(useful_gflops / peak["peak_gflops"], 4) if peak["peak_gflops"] else None,
+            "share_of_matmul": round(useful_gflops / roof["median"], 4),
         }
-    speedup = summary["project"]["useful_tokens_per_second"] / summary["baseline"]["useful_tokens_per_second"]
-    by_seed = {}
-    for r in runs:
-        by_seed.setdefault(str(r["seed"]), {})[r["trainer"]] = r["val_loss"]
-    return {"trainers": summary, "speedup": round(speedup, 2), "val_loss_by_seed": by_seed}
+    versus = {
+        peer: {
+            "speedup": round(
+                summary["project"]["useful_tokens_per_second"] / summary[peer]["useful_tokens_per_second"], 2
+            ),
+            "val_loss_difference": paired_difference(runs, peer),
+        }
+        for peer in PEERS
+        if peer in summary and "project" in summary
+    }
+    return {"trainers": summary, "versus": versus}
 
 
 def print_table(result: dict) -> None:
-    cpu, rows = result["cpu"], result["summary"]["trainers"]
+    peak, roof, rows = result["peak"], result["matmul_roof"], result["summary"]["trainers"]
     print(
         f"\n{'trainer':<9} {'useful tok/s':>12} {'train s':>8} {'peak RSS MiB':>13} {'padding':>8} "
-        f"{'val loss':>9} {'MFU':>7}   (val loss: mean over seeds)"
+        f"{'val loss':>9} {'GFLOP/s':>8} {'MFU':>7} {'of matmul':>10}   (val loss: mean over seeds)"
     )
     for name, r in rows.items():
-        mfu = f"{r['mfu']:.2%}" if r["mfu"] is not None else "n/a"
+        mfu = f"{r['mfu_nominal']:.1%}" if r["mfu_nominal"] is not None else "n/a"
         print(
             f"{name:<9} {r['useful_tokens_per_second']:>12.1f} {r['train_seconds']:>8.1f} {r['peak_rss_mb']:>13.1f} "
-            f"{r['padding_fraction']:>8.1%} {r['val_loss']:>9.4f} {mfu:>7}"
+            f"{r['padding_fraction']:>8.1%} {r['val_loss']:>9.4f} {r['useful_gflops']:>8.1f} {mfu:>7} "
+            f"{r['share_of_matmul']:>10.1%}"
         )
-    seeds = result["summary"]["val_loss_by_seed"].items()
+    for peer, v in result["summary"]["versus"].items():
+        d = v["val_loss_difference"]
+        paired = (
+            f"{peer} - project val loss {d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] "
+            f"(95% t-interval, {d['seeds']} seeds)"
+            if d
+            else "val loss: one seed, no interval"
+        )
+        print(f"project / {peer} useful tokens per second: {v['speedup']:.2f}x; {paired}")
     print(
-        "val loss per seed (baseline, project): "
-        + "; ".join(f"{k}: {v.get('baseline')}, {v.get('project')}" for k, v in seeds)
-    )
-    print(
-        f"project / baseline useful tokens per second: {result['summary']['speedup']:.2f}x "
-        f"({result['steps']} steps, {result['rounds']} alternating rounds, medians)"
-    )
-    print(
-        f"MFU: FLOPs per token {rows['project']['flops_per_token']:.3g} (4N + 12LdT at the mean example length) "
-        f"against a peak of {cpu['peak_gflops']} GFLOP/s ({cpu['cores']} cores x {cpu['clock_ghz']} GHz x "
-        f"{cpu['flops_per_cycle_per_core']} fp32 FLOPs/cycle); a 2048^2 float32 matmul runs at "
-        f"{cpu['measured_matmul_gflops']} GFLOP/s here"
+        f"{result['steps']} steps, {result['rounds']} alternating rounds, medians. FLOPs per token "
+        f"{rows['project']['flops_per_token']:.3g} (4N + 12LdT at the mean example length). MFU against the "
+        f"nominal peak {peak['peak_gflops']} GFLOP/s ({peak['cores']} cores x {peak['clock_ghz']} GHz x "
+        f"{peak['flops_per_cycle_per_core']} FLOPs/cycle: {peak['why']}); 'of matmul' against the measured "
+        f"2048^2 float32 matmul rate, median {roof['median']} GFLOP/s (min {roof['min']}, max {roof['max']}, "
+        f"{len(roof['samples'])} samples in this run)"
     )
 
 
@@ -383,14 +403,20 @@ def main(argv: list[str] | None = None) -> int:
         help="round k runs seed train.seed + this + k - 1 (default 0): more seeds without repeating earlier "
         "ones, written to train_throughput_seed<first seed>.json",
     )
+    parser.add_argument("--trainers", nargs="+", choices=TRAINERS, default=list(TRAINERS), help="default: all")
     parser.add_argument("--child", choices=TRAINERS, help=argparse.SUPPRESS)  # internal: one run, seed + offset
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(measure(args.child, args.steps, args.seed_offset)))
         return 0
-    runs = []
+    if "project" not in args.trainers:
+        parser.error("--trainers must include project: the figures compare it with the peers")
+    from bench.machine import describe, machine, matmul_gflops, nominal_peak, roof_summary
+    from stages.common.io import write_json
+
+    roofs, runs = [matmul_gflops()], []
     for round_number in range(1, args.rounds + 1):
-        for name in TRAINERS:
+        for name in [t for t in TRAINERS if t in args.trainers]:
             runs.append(run_child(name, args.steps, seed_offset=args.seed_offset + round_number - 1))
             r = runs[-1]
             print(
@@ -398,10 +424,18 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['train_seconds']} s, val loss {r['val_loss']}",
                 flush=True,
             )
-    from stages.common.io import write_json
-
-    cpu = cpu_peak_flops()
-    result = {"steps": args.steps, "rounds": args.rounds, "cpu": cpu, "runs": runs, "summary": summarise(runs, cpu)}
+        roofs.append(matmul_gflops())
+    peak, roof = nominal_peak(), roof_summary(roofs)
+    result = {
+        "machine": machine(),
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "peak": peak,
+        "matmul_roof": roof,
+        "runs": runs,
+        "summary": summarise(runs, peak, roof),
+    }
+    print(f"\n{describe(result['machine'])}")
     print_table(result)
     written = RESULTS.with_stem(f"{RESULTS.stem}_seed{runs[0]['seed']}") if args.seed_offset else RESULTS
     write_json(written, result)

@@ -29,7 +29,7 @@ def bench_child(root: Path, trainer: str) -> dict:
 @pytest.fixture(scope="module")
 def bench_runs(pipeline_project) -> dict:
     paths, _, _ = pipeline_project
-    return {trainer: bench_child(paths.root, trainer) for trainer in ("baseline", "project")}
+    return {trainer: bench_child(paths.root, trainer) for trainer in ("baseline", "careful", "project")}
 
 
 def test_the_baseline_pads_every_sequence_to_max_length(bench_runs, pipeline_project):
@@ -47,6 +47,43 @@ def test_the_project_computes_almost_no_padding_and_scores_the_same_validation_s
     for run in (project, baseline):
         assert run["steps"] == 2 and run["useful_tokens"] > 0 and run["train_seconds"] > 0
         assert math.isfinite(run["val_loss"]) and run["peak_rss_mb"] > 0
+
+
+def test_the_careful_peer_pads_each_batch_to_its_longest_example_only(bench_runs):
+    careful, baseline = bench_runs["careful"], bench_runs["baseline"]
+    assert careful["useful_tokens"] == baseline["useful_tokens"] == bench_runs["project"]["useful_tokens"]
+    assert careful["computed_tokens"] < baseline["computed_tokens"]
+    assert careful["padding_fraction"] < 0.2 and math.isfinite(careful["val_loss"])
+
+
+def test_the_paired_loss_difference_and_the_roofs_are_figures_of_this_run():
+    from bench.machine import fp32_flops_per_cycle, roof_summary
+    from bench.train_throughput import paired_difference
+
+    runs = [
+        {"trainer": trainer, "seed": seed, "val_loss": loss}
+        for seed, losses in ((1, (1.10, 1.00)), (2, (1.20, 1.05)), (3, (1.15, 1.05)))
+        for trainer, loss in zip(("careful", "project"), losses, strict=True)
+    ]
+    difference = paired_difference(runs, "careful")
+    assert difference["seeds"] == 3 and difference["mean"] == pytest.approx(0.11667, abs=1e-4)
+    assert difference["low"] < difference["mean"] < difference["high"]  # t(2) = 4.30: a wide interval
+    assert difference["high"] - difference["mean"] == pytest.approx(4.3027 * 0.02887 / 3**0.5, abs=1e-3)
+    assert paired_difference(runs[:2], "careful") is None
+    assert roof_summary([100.0, 120.0, 110.0]) == {
+        "samples": [100.0, 120.0, 110.0],
+        "median": 110.0,
+        "min": 100.0,
+        "max": 120.0,
+    }
+    zen4 = {"vendor_id": "AuthenticAMD", "cpu family": "25", "flags": "fma avx2 avx512f"}
+    assert fp32_flops_per_cycle(zen4)[0] == 32
+    assert fp32_flops_per_cycle({**zen4, "cpu family": "26"})[0] == 64
+    assert (
+        fp32_flops_per_cycle({"vendor_id": "GenuineIntel", "cpu family": "6", "flags": "fma avx2 avx512f amx_tile"})[0]
+        == 64
+    )
+    assert fp32_flops_per_cycle({"vendor_id": "AuthenticAMD", "cpu family": "25", "flags": "fma avx2"})[0] == 32
 
 
 def test_both_trainers_start_from_the_same_adapter_whatever_its_dtype(tiny_model_dir):
