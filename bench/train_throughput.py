@@ -144,8 +144,8 @@ def train_peer(params, paths, padded: bool):
     from trl import SFTConfig, SFTTrainer
 
     from stages.common.io import read_jsonl
-    from stages.common.modeling import device, load_base, load_tokenizer
-    from stages.train_qlora import choose_optimizer, choose_schedule, peft_lora_config
+    from stages.common.modeling import compute_dtype, device, load_base, load_tokenizer
+    from stages.train_qlora import choose_optimizer, choose_schedule, fast_bf16_cpu, peft_lora_config, trainer_precision
 
     cfg = params.train
     scheduler, warmup, _ = choose_schedule(cfg)
@@ -168,7 +168,7 @@ def train_peer(params, paths, padded: bool):
         seed=cfg.seed,
         data_seed=cfg.seed,
         use_cpu=device() == "cpu",
-        bf16=False,
+        **trainer_precision(device(), compute_dtype(params.quantization.compute_dtype), fast_bf16_cpu()),
         report_to="none",
         max_length=params.prompt.max_length,
         packing=False,

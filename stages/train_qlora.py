@@ -1,7 +1,8 @@
 """Stage `train_qlora`: fine-tune LoRA adapters on the base model loaded in 4-bit NF4 (QLoRA), watchably.
 
 The base is loaded in 4 bits with bitsandbytes (double quantization; float32 compute on CPU, bfloat16
-on CUDA), prepared for k-bit training, and wrapped with LoRA adapters on `lora.target_modules`. Training
+on CUDA, where the Trainer autocasts to it; under FSDP the 4-bit weights are stored in that dtype too, so
+they shard), prepared for k-bit training, and wrapped with LoRA adapters on `lora.target_modules`. Training
 uses the Hugging Face Trainer with the optimizer, schedule, warmup, gradient accumulation and clipping
 from params, on batches padded only to their longest example (or padding-free rows, `train.padding_free`)
 whose logits are computed only where a label is scored (stages/training/batching.py). Every `train.eval_steps`
@@ -34,7 +35,7 @@ from stages.common.cli import run_stage
 from stages.common.config import LoraConfig, Params, QuantizationConfig, TrainConfig
 from stages.common.errors import StageError
 from stages.common.io import atomic_path, write_csv, write_json, write_text
-from stages.common.modeling import device, load_base, load_tokenizer, set_threads
+from stages.common.modeling import compute_dtype, device, load_base, load_tokenizer, set_threads
 from stages.common.paths import Paths
 from stages.common.spec import StageSpec
 from stages.training import distributed
@@ -98,6 +99,24 @@ def fast_bf16_cpu() -> bool:
         return False
 
 
+def trainer_precision(device_type: str, dtype, cpu_has_fast_bf16: bool) -> dict[str, bool]:
+    """The Trainer's mixed-precision flags {"bf16": ..., "fp16": ...} for training on `device_type` ("cuda" or
+    "cpu") with 4-bit layers computing in `dtype` (a torch dtype, as `compute_dtype` resolves it).
+
+    The Trainer autocasts to the compute dtype where the hardware multiplies in it: bfloat16 or float16 on
+    CUDA, bfloat16 on a CPU with AMX-BF16 (`cpu_has_fast_bf16`). On a CPU bfloat16 is always asked for by
+    name ("auto" is float32 there); without AMX-BF16 it is emulated, so autocasting to it would only slow
+    training down. Everything else trains without autocast.
+    """
+    import torch
+
+    on_cuda = device_type == "cuda"
+    return {
+        "bf16": dtype == torch.bfloat16 and (on_cuda or cpu_has_fast_bf16),
+        "fp16": dtype == torch.float16 and on_cuda,
+    }
+
+
 def dtype_note(cfg: QuantizationConfig) -> str | None:
     """A warning when the compute dtype asked for is slow on this machine (it is kept: it works)."""
     if device() == "cpu" and cfg.compute_dtype in ("bfloat16", "float16") and not fast_bf16_cpu():
@@ -134,9 +153,12 @@ def attach_lora(model, cfg: LoraConfig, gradient_checkpointing: bool):
         raise StageError(f"lora.target_modules={cfg.target_modules}: {exc}") from exc
 
 
-def training_arguments(cfg: TrainConfig, output_dir: Path, optimizer: str, scheduler: str, warmup: float):
+def training_arguments(
+    cfg: TrainConfig, output_dir: Path, optimizer: str, scheduler: str, warmup: float, precision: dict[str, bool]
+):
     """TrainingArguments: evaluation every eval_steps, checkpoints every save_steps in `output_dir`, the
-    best checkpoint (lowest validation loss) restored at the end when early stopping is on."""
+    best checkpoint (lowest validation loss) restored at the end when early stopping is on, mixed precision
+    from `precision` (`trainer_precision`)."""
     from transformers import TrainingArguments
 
     early_stopping = cfg.early_stopping_patience > 0
@@ -167,7 +189,7 @@ def training_arguments(cfg: TrainConfig, output_dir: Path, optimizer: str, sched
         seed=cfg.seed,
         data_seed=cfg.seed,
         use_cpu=device() == "cpu",
-        bf16=False,
+        **precision,
         # Padding-free rows hold no padding, and their EOS tokens would be miscounted as pad tokens.
         include_num_input_tokens_seen="all" if cfg.padding_free else "non_padding",
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
@@ -216,7 +238,8 @@ def overfitting_note(rows: list[dict]) -> str | None:
 
 
 def build_trainer(params: Params, paths: Paths, model, tokenizer, data, optimizer: str):
-    """The Trainer with the watching callbacks (lines, samples, MLflow), the NaN guard and early stopping."""
+    """The Trainer with the watching callbacks (lines, samples, MLflow), the NaN guard, early stopping, and
+    mixed precision chosen from the device and the compute dtype (`trainer_precision`)."""
     from transformers import EarlyStoppingCallback, ProgressCallback, Trainer
 
     from stages.training.batching import labelled_loss, training_collator
@@ -226,6 +249,7 @@ def build_trainer(params: Params, paths: Paths, model, tokenizer, data, optimize
     scheduler, warmup, note = choose_schedule(cfg)
     if note:
         print(note)
+    precision = trainer_precision(device(), compute_dtype(params.quantization.compute_dtype), fast_bf16_cpu())
     samples = validation_samples(tokenizer, data["val"], cfg.sample_prompts)
     stream = MlflowStream.from_environment()
     watch = WatchCallback(tokenizer, samples, cfg.sample_new_tokens, paths.train_scratch / "samples.jsonl", stream)
@@ -234,7 +258,7 @@ def build_trainer(params: Params, paths: Paths, model, tokenizer, data, optimize
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     trainer = Trainer(
         model=model,
-        args=training_arguments(cfg, paths.train_scratch, optimizer, scheduler, warmup),
+        args=training_arguments(cfg, paths.train_scratch, optimizer, scheduler, warmup, precision),
         train_dataset=data["train"],
         eval_dataset=data["val"],
         data_collator=training_collator(tokenizer, cfg.padding_free),
@@ -247,11 +271,11 @@ def build_trainer(params: Params, paths: Paths, model, tokenizer, data, optimize
 
 
 def prepare_model(params: Params, paths: Paths):
-    """(tokenizer, 4-bit base with LoRA attached); prints what is trainable."""
+    """(tokenizer, 4-bit base with LoRA attached; under FSDP its 4-bit weights are stored shardable); prints
+    what is trainable."""
     tokenizer = load_tokenizer(paths.base_model)
-    model = attach_lora(
-        load_base(paths.base_model, params.quantization), params.lora, params.train.gradient_checkpointing
-    )
+    base = load_base(paths.base_model, params.quantization, sharded=distributed.under_fsdp())
+    model = attach_lora(base, params.lora, params.train.gradient_checkpointing)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"trainable LoRA parameters: {trainable:,} ({trainable * 4 / 1e6:.1f} MB in fp32)")
     return tokenizer, model
@@ -282,8 +306,10 @@ def run(params: Params, paths: Paths) -> Result | str:
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - started  # this session only, validation passes and samples included
     processes = distributed.process_facts(seen, cfg.batch_size * cfg.grad_accum * distributed.world_size())
-    # The adapter's full weights on every rank (FSDP gathers its shards here; DDP and one process: as is).
-    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if distributed.world_size() > 1 else None
+    # The adapter's full weights on every rank (FSDP gathers its shards here, also in a single process; DDP:
+    # as is). One plain process saves from the model itself.
+    wrapped = distributed.world_size() > 1 or distributed.under_fsdp()
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if wrapped else None
     if not distributed.is_main():
         return distributed.follower_summary(seen)
     metrics = write_outputs(params, paths, trainer, model, tokenizer, seconds, watch.tokens_at_start, state_dict)

@@ -2,7 +2,8 @@
 
 The tiny model (2 layers, hidden size 64) trains and generates in seconds on a CPU, through the same
 4-bit bitsandbytes and PEFT code as the real one. Stage tests share one project run through every stage
-(`pipeline_project`), so each stage runs once per test session.
+(`pipeline_project`), so each stage runs once per test session. Tests marked `gpu` run on a CUDA device and
+are skipped without one.
 """
 
 from __future__ import annotations
@@ -50,10 +51,23 @@ TINY_PARAMS = {
 }
 
 
+NO_CUDA = "marked gpu: needs a CUDA device, and torch.cuda.is_available() is False here"
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if SLOW_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.slow)
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu_items and not cuda_available():
+        for item in gpu_items:
+            item.add_marker(pytest.mark.skip(reason=NO_CUDA))
+
+
+def cuda_available() -> bool:
+    import torch  # here, so that collecting tests without a `gpu` mark never imports torch
+
+    return torch.cuda.is_available()
 
 
 def price_rows(n: int, seed: int = 0) -> list[dict]:
@@ -91,21 +105,26 @@ def build_tokenizer(folder: Path):
     return fast
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A saved tiny random Llama (safetensors) with its tokenizer."""
+# The tiny Llama's shape: trains and generates in seconds on a CPU.
+TINY_LLAMA = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+
+
+def save_random_llama(folder: Path, shape: dict) -> Path:
+    """A Llama of `shape` (hidden size, layers, heads...), randomly initialised with seed 0, saved (safetensors)
+    in `folder` with the test tokenizer; returns `folder`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = build_tokenizer(folder)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **shape,
         max_position_embeddings=256,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
@@ -115,6 +134,12 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved tiny random Llama (safetensors) with its tokenizer."""
+    return save_random_llama(tmp_path_factory.mktemp("tiny-llama"), TINY_LLAMA)
 
 
 def write_project(root: Path, tiny_model_dir: Path, overrides: dict | None = None, n_rows: int = 90) -> Path:

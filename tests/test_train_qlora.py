@@ -174,6 +174,51 @@ def test_paged_optimizer_on_cpu_falls_back_with_a_note():
     assert train_qlora.choose_optimizer("adamw_torch") == ("adamw_torch", None)
 
 
+def test_auto_optimizer_is_paged_adamw_on_cuda_and_torch_adamw_on_a_cpu(monkeypatch):
+    monkeypatch.setattr(train_qlora, "device", lambda: "cuda")
+    assert train_qlora.choose_optimizer("auto") == ("paged_adamw_32bit", None)
+    assert train_qlora.choose_optimizer("paged_adamw_8bit") == ("paged_adamw_8bit", None)  # no fallback on CUDA
+    monkeypatch.setattr(train_qlora, "device", lambda: "cpu")
+    assert train_qlora.choose_optimizer("auto") == ("adamw_torch", None)
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype", "fast_bf16", "expected"),
+    [
+        ("cuda", "bfloat16", False, "bf16"),  # "auto" on CUDA
+        ("cuda", "float16", False, "fp16"),
+        ("cuda", "float32", False, None),
+        ("cpu", "float32", True, None),  # "auto" on a CPU
+        ("cpu", "bfloat16", True, "bf16"),  # asked for by name, on a CPU with AMX-BF16
+        ("cpu", "bfloat16", False, None),  # emulated: autocast would only slow it down
+        ("cpu", "float16", True, None),
+    ],
+)
+def test_trainer_autocasts_to_the_compute_dtype_where_the_hardware_has_it(device, dtype, fast_bf16, expected):
+    import torch
+
+    flags = train_qlora.trainer_precision(device, getattr(torch, dtype), fast_bf16)
+    assert flags == {"bf16": expected == "bf16", "fp16": expected == "fp16"}
+
+
+def test_training_arguments_carry_the_precision_flags(tmp_path):
+    cfg = params_from_dict({}).train
+    args = train_qlora.training_arguments(cfg, tmp_path, "adamw_torch", "cosine", 0.1, {"bf16": True, "fp16": False})
+    assert args.bf16 and not args.fp16 and args.use_cpu  # bf16 autocast on a CPU: what AMX-BF16 gets
+
+
+def test_under_fsdp_the_base_loads_with_4_bit_weights_in_the_compute_dtype(tiny_model_dir, tmp_path, monkeypatch):
+    import bitsandbytes as bnb
+    import torch
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "base").symlink_to(tiny_model_dir)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # as `accelerate launch` sets it for an FSDP config
+    _, model = train_qlora.prepare_model(params_from_dict({}), Paths.at(tmp_path))
+    weights = [m.weight for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert weights and {w.dtype for w in weights} == {torch.float32}  # "auto" on a CPU: float32, not uint8
+
+
 def test_constant_schedule_with_warmup_becomes_constant_with_warmup():
     cfg = params_from_dict({"train": {"lr_scheduler": "constant", "warmup_steps": 5}}).train
     scheduler, warmup, note = train_qlora.choose_schedule(cfg)

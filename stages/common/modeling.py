@@ -41,25 +41,38 @@ def load_tokenizer(path: Path, padding_side: str = "right"):
     return tokenizer
 
 
-def bnb_config(cfg: QuantizationConfig):
-    """BitsAndBytesConfig for NF4 (or FP4) 4-bit weights with optional double quantization."""
+def bnb_config(cfg: QuantizationConfig, sharded: bool = False):
+    """BitsAndBytesConfig for NF4 (or FP4) 4-bit weights with optional double quantization; `sharded` (training
+    under FSDP) packs the 4-bit weights in the compute dtype instead of bitsandbytes' default uint8."""
     from transformers import BitsAndBytesConfig
 
+    dtype = compute_dtype(cfg.compute_dtype)
+    # FSDP shards floating-point tensors only: 4-bit weights packed in uint8 stay whole on every GPU
+    # (accelerate 1.15's FSDP2 leaves them out of sharding). Packed in a float dtype they shard like the
+    # rest. That dtype must be the compute dtype, for two reasons. bitsandbytes' FSDP-QLoRA guide asks for
+    # the model's `dtype` (load_base passes the compute dtype), so that FSDP wraps the 4-bit layers like the
+    # others. And under the Trainer's bf16 or fp16 (train_qlora.trainer_precision: the compute dtype again)
+    # FSDP casts every float tensor it gathers to that dtype, which scrambles weights packed in another one
+    # (float32-packed weights fail to unpack under bf16: checked with torch 2.13's fully_shard, 2 CPU ranks).
+    storage = {"bnb_4bit_quant_storage": dtype} if sharded else {}
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=cfg.quant_type,
         bnb_4bit_use_double_quant=cfg.double_quant,
-        bnb_4bit_compute_dtype=compute_dtype(cfg.compute_dtype),
+        bnb_4bit_compute_dtype=dtype,
+        **storage,
     )
 
 
-def load_base(path: Path, cfg: QuantizationConfig):
-    """The base model from `path`, in 4 bits when `cfg.load_in_4bit`, on this machine's device, in eval mode."""
+def load_base(path: Path, cfg: QuantizationConfig, sharded: bool = False):
+    """The base model from `path`, in 4 bits when `cfg.load_in_4bit`, on this machine's device, in eval mode;
+    `sharded`: for training under FSDP (see `bnb_config`)."""
     from transformers import AutoModelForCausalLM
 
+    # The compute dtype; under FSDP also the 4-bit storage dtype, as bitsandbytes asks (bnb_config).
     kwargs = {"dtype": compute_dtype(cfg.compute_dtype), "device_map": {"": device()}}
     if cfg.load_in_4bit:
-        kwargs["quantization_config"] = bnb_config(cfg)
+        kwargs["quantization_config"] = bnb_config(cfg, sharded)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     keep_compute_dtype_on_cpu(model)
     if cfg.load_in_4bit:

@@ -26,6 +26,12 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def under_fsdp() -> bool:
+    """True in a process that `accelerate launch` started with an FSDP config: it sets ACCELERATE_USE_FSDP, which
+    the Trainer's Accelerator reads to shard the model (configs/accelerate/fsdp_qlora.yaml)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
 def is_main() -> bool:
     """True in the process that writes outputs (rank 0, or the only process)."""
     return rank() == 0
