@@ -53,14 +53,20 @@ def bnb_config(cfg: QuantizationConfig):
     )
 
 
+def base_loading_kwargs(cfg: QuantizationConfig) -> dict:
+    """`from_pretrained` arguments for the base: the compute dtype, this machine's device and, when
+    `cfg.load_in_4bit`, the 4-bit config (bench/memory.py loads its random 1B base with these too)."""
+    kwargs = {"dtype": compute_dtype(cfg.compute_dtype), "device_map": {"": device()}}
+    if cfg.load_in_4bit:
+        kwargs["quantization_config"] = bnb_config(cfg)
+    return kwargs
+
+
 def load_base(path: Path, cfg: QuantizationConfig):
     """The base model from `path`, in 4 bits when `cfg.load_in_4bit`, on this machine's device, in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": compute_dtype(cfg.compute_dtype), "device_map": {"": device()}}
-    if cfg.load_in_4bit:
-        kwargs["quantization_config"] = bnb_config(cfg)
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, **base_loading_kwargs(cfg))
     keep_compute_dtype_on_cpu(model)
     if cfg.load_in_4bit:
         release_weights_file(model)
