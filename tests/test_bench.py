@@ -1,4 +1,5 @@
-"""The benchmarks run: each side of bench/train_throughput.py on the tiny project, one optimizer step each.
+"""The benchmarks run: each side of bench/train_throughput.py on the tiny project, one optimizer step each; the
+memory benchmark's 1B shape has the size it claims, and its random base loads as the stage loads a base.
 
 Their figures are printed by `make bench` on the real model (docs/performance.md); here only that the code
 works with the installed TRL and transformers, and that the figures mean what they say.
@@ -137,3 +138,41 @@ def test_the_noise_benchmark_reports_the_spread_and_the_gate_on_every_pair(noise
     assert result["machine"]["cores"] >= 1 and result["machine"]["cpu"]
     assert "seed pairs promoted" in printed
     assert not paths.train_scratch.exists()  # the workspace is untouched
+
+
+def test_the_1b_shape_has_about_a_billion_parameters():
+    from transformers import LlamaConfig
+
+    from bench.memory import LLAMA_1B
+    from stages.common.config import params_from_dict
+    from stages.training.planner import plan_for_config
+
+    # 16 layers x (q, o 2048x2048; k, v 2048x512; MLP 3 x 2048x8192; 2 norms) + embeddings and lm_head of 49,152
+    # (SmolLM2's vocabulary) + the final norm.
+    per_layer = 2 * 2048 * 2048 + 2 * 2048 * 512 + 3 * 2048 * 8192 + 2 * 2048
+    report = plan_for_config(LlamaConfig(**LLAMA_1B, vocab_size=49_152), params_from_dict({}))
+    assert report.base_parameters == 16 * per_layer + 2 * 49_152 * 2048 + 2048 == 1_174_472_704
+
+
+def test_the_random_base_is_drawn_weight_by_weight_the_same_in_both_modes():
+    import dataclasses
+
+    import bitsandbytes as bnb
+    import torch
+    from transformers import LlamaConfig
+
+    from bench.memory import random_base, random_weights
+    from stages.common.config import params_from_dict
+
+    shape = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}
+    config = LlamaConfig(**shape, num_hidden_layers=2, vocab_size=100, tie_word_embeddings=False)
+    nf4 = params_from_dict({}).quantization
+    qlora, lora = random_base(config, nf4, 42), random_base(config, dataclasses.replace(nf4, load_in_4bit=False), 42)
+    draws = random_weights(config, 42)
+    up = "model.layers.1.mlp.up_proj.weight"
+    assert torch.equal(lora.get_parameter(up), draws[up][...])  # transformers loaded the draws themselves
+    assert torch.equal(qlora.lm_head.weight, lora.lm_head.weight)  # lm_head stays in full precision
+    quantized = qlora.get_parameter(up)
+    assert isinstance(quantized, bnb.nn.Params4bit) and qlora.is_loaded_in_4bit
+    dequantized = bnb.functional.dequantize_4bit(quantized.data, quantized.quant_state)
+    assert (dequantized - draws[up][...]).abs().max() < 0.2 * draws[up][...].abs().max()  # NF4's rounding only

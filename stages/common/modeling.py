@@ -64,16 +64,23 @@ def bnb_config(cfg: QuantizationConfig, sharded: bool = False):
     )
 
 
-def load_base(path: Path, cfg: QuantizationConfig, sharded: bool = False):
-    """The base model from `path`, in 4 bits when `cfg.load_in_4bit`, on this machine's device, in eval mode;
-    `sharded`: for training under FSDP (see `bnb_config`)."""
-    from transformers import AutoModelForCausalLM
-
-    # The compute dtype; under FSDP also the 4-bit storage dtype, as bitsandbytes asks (bnb_config).
+def base_loading_kwargs(cfg: QuantizationConfig, sharded: bool = False) -> dict:
+    """`from_pretrained` arguments for the base: the compute dtype, this machine's device and, when
+    `cfg.load_in_4bit`, the 4-bit config; `sharded`: for training under FSDP, where the compute dtype is also
+    the 4-bit storage dtype, as bitsandbytes asks (`bnb_config`). bench/memory.py loads its random 1B base
+    with these too."""
     kwargs = {"dtype": compute_dtype(cfg.compute_dtype), "device_map": {"": device()}}
     if cfg.load_in_4bit:
         kwargs["quantization_config"] = bnb_config(cfg, sharded)
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return kwargs
+
+
+def load_base(path: Path, cfg: QuantizationConfig, sharded: bool = False):
+    """The base model from `path`, in 4 bits when `cfg.load_in_4bit`, on this machine's device, in eval mode;
+    `sharded`: for training under FSDP (see `base_loading_kwargs`)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, **base_loading_kwargs(cfg, sharded))
     keep_compute_dtype_on_cpu(model)
     if cfg.load_in_4bit:
         release_weights_file(model)
