@@ -6,7 +6,7 @@ The template comes from params.yaml (`prompt.template`, with a `{text}` slot) an
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from stages.common.labels import IGNORE_INDEX
 
@@ -19,8 +19,7 @@ def render_completion(template: str, price: float) -> str:
     return template.format(price=price)
 
 
-@dataclass(frozen=True)
-class Encoded:
+class Encoded(NamedTuple):  # a tuple, not a dataclass: tokenize_data makes one per row, 400k at a time
     input_ids: list[int]
     labels: list[int]
     truncated: bool
@@ -77,16 +76,17 @@ def encode_examples(
     tokenized as two batches (a fast tokenizer encodes a batch in parallel, far faster than one call per row),
     and only the rows too long for `max_length` go through `encode_example`'s truncation one by one."""
     prompts = token_ids(tokenizer, [render_prompt(template, text) for text in texts], add_special_tokens=True)
-    endings = token_ids(tokenizer, completions, add_special_tokens=False)
     eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
+    distinct = list(dict.fromkeys(completions))  # prices repeat: each distinct completion is tokenized once
+    ending_of = {c: ids + eos for c, ids in zip(distinct, token_ids(tokenizer, distinct, False), strict=True)}
     encoded = []
-    for text, completion, prompt_ids, completion_ids in zip(texts, completions, prompts, endings, strict=True):
-        completion_ids = completion_ids + eos
+    for text, completion, prompt_ids in zip(texts, completions, prompts, strict=True):
+        completion_ids = ending_of[completion]
         if len(prompt_ids) + len(completion_ids) > max_length:
             encoded.append(encode_example(tokenizer, template, text, completion, max_length, add_eos))
             continue
         labels = [IGNORE_INDEX] * len(prompt_ids) + completion_ids
-        encoded.append(Encoded(prompt_ids + completion_ids, labels, truncated=False, completion_fits=True))
+        encoded.append(Encoded(prompt_ids + completion_ids, labels, False, True))
     return encoded
 
 
