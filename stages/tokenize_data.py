@@ -106,12 +106,12 @@ def tokenize_split(tokenizer, source: Path, cfg: PromptConfig, arrow_file: Path)
             if shape is None and numbered_shape(numbered[:1], where) == CHAT:
                 require_chat_template(tokenizer, where)
             shape = numbered_shape(numbered, where, expected=shape)
-            encoded = encode_chunk(tokenizer, numbered, shape, cfg, where)
-            columns = {"input_ids": [e.input_ids for e in encoded], "labels": [e.labels for e in encoded]}
-            writer.write_batch(pa.RecordBatch.from_pydict(columns, schema=schema))
-            result.lengths += [len(e.input_ids) for e in encoded]
-            result.truncated += sum(e.truncated for e in encoded)
-            progress.update(len(encoded))
+            ids, labels, truncated, _ = zip(*encode_chunk(tokenizer, numbered, shape, cfg, where), strict=True)
+            columns = [pa.array(values, type=field.type) for values, field in zip((ids, labels), schema, strict=True)]
+            writer.write_batch(pa.RecordBatch.from_arrays(columns, schema=schema))
+            result.lengths += map(len, ids)
+            result.truncated += sum(truncated)
+            progress.update(len(ids))
     if shape is None:
         raise InputError(f"{where}: no rows; run split_data first")
     return result
