@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 # Stage commands in dvc.yaml call `python`: make it this environment's.
 RUN := env PATH="$(BIN):$$PATH" PREFECT_SERVER_ANALYTICS_ENABLED=false
 
-.PHONY: venv demo test test-fast test-random serve-champion predict lint format repro plan prefect-server serve deploy worker mlflow-ui mlflow-server bench bench-train bench-eval bench-data bench-memory bench-memory-1b bench-overhead bench-noise bench-gguf bench-serving clean
+.PHONY: venv demo test test-fast test-random serve-champion predict lint format repro plan prefect-server serve deploy worker mlflow-ui mlflow-server bench bench-train bench-profile bench-eval bench-data bench-memory bench-memory-1b bench-overhead bench-noise bench-gguf bench-serving clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -47,13 +47,17 @@ repro: venv
 
 # The benchmarks of docs/performance.md, after `make demo` (its page says how long each takes); each prints a
 # table and writes bench/results/<name>.json.
-bench: bench-train bench-eval bench-data bench-overhead bench-memory bench-memory-1b bench-noise bench-gguf bench-serving
+bench: bench-train bench-profile bench-eval bench-data bench-overhead bench-memory bench-memory-1b bench-noise bench-gguf bench-serving
 
 # The project's training against TRL's SFTTrainer padded as the course does and as TRL recommends;
 # TRAINERS="careful project" ROUNDS=6 for the paired loss comparison without the slow padded peer.
 ROUNDS ?= 3
 bench-train: venv
 	$(RUN) $(BIN)/python -m bench.train_throughput --rounds $(ROUNDS) $(if $(TRAINERS),--trainers $(TRAINERS))
+
+# Where a training step of the project goes, by torch.profiler (docs/performance.md#where-a-step-goes).
+bench-profile: venv
+	$(RUN) $(BIN)/python -m bench.train_profile
 
 # split_data and tokenize_data on 54k to 431k rows (the course's scale): time, peak memory, growth.
 bench-data: venv
