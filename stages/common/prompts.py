@@ -69,19 +69,28 @@ def token_ids(tokenizer, texts: list[str], add_special_tokens: bool) -> list[lis
     return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=add_special_tokens)]
 
 
+def pair_token_ids(
+    tokenizer, template: str, texts: list[str], completions: list[str], add_eos: bool
+) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids, completion ids with EOS when `add_eos`) of each row, untruncated, tokenized as two batches (a
+    fast tokenizer encodes a batch in parallel, far faster than one call per row). The completion lists of equal
+    completions are one shared list: prices repeat, and each distinct completion is tokenized once."""
+    prompts = token_ids(tokenizer, [render_prompt(template, text) for text in texts], add_special_tokens=True)
+    eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
+    distinct = list(dict.fromkeys(completions))
+    ending_of = {c: ids + eos for c, ids in zip(distinct, token_ids(tokenizer, distinct, False), strict=True)}
+    return prompts, [ending_of[completion] for completion in completions]
+
+
 def encode_examples(
     tokenizer, template: str, texts: list[str], completions: list[str], max_length: int, add_eos: bool
 ) -> list[Encoded]:
-    """`encode_example` for many rows at once, with the same result row for row: the prompts and completions are
-    tokenized as two batches (a fast tokenizer encodes a batch in parallel, far faster than one call per row),
-    and only the rows too long for `max_length` go through `encode_example`'s truncation one by one."""
-    prompts = token_ids(tokenizer, [render_prompt(template, text) for text in texts], add_special_tokens=True)
-    eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
-    distinct = list(dict.fromkeys(completions))  # prices repeat: each distinct completion is tokenized once
-    ending_of = {c: ids + eos for c, ids in zip(distinct, token_ids(tokenizer, distinct, False), strict=True)}
+    """`encode_example` for many rows at once, with the same result row for row: tokenized as batches
+    (`pair_token_ids`), and only the rows too long for `max_length` go through `encode_example`'s truncation
+    one by one."""
+    prompts, endings = pair_token_ids(tokenizer, template, texts, completions, add_eos)
     encoded = []
-    for text, completion, prompt_ids in zip(texts, completions, prompts, strict=True):
-        completion_ids = ending_of[completion]
+    for text, completion, prompt_ids, completion_ids in zip(texts, completions, prompts, endings, strict=True):
         if len(prompt_ids) + len(completion_ids) > max_length:
             encoded.append(encode_example(tokenizer, template, text, completion, max_length, add_eos))
             continue

@@ -9,7 +9,7 @@ IGNORE_INDEX. `generation_prompt` is the text a model continues at evaluation.
 
 from __future__ import annotations
 
-from stages.common.config import PAIR, PRICE, PromptConfig
+from stages.common.config import CHAT, PAIR, PRICE, PromptConfig
 from stages.common.errors import InputError
 from stages.common.labels import IGNORE_INDEX
 from stages.common.prompts import Encoded, encode_examples, render_completion, truncate_prompt
@@ -62,17 +62,22 @@ def encode_chat(tokenizer, messages: list[dict], max_length: int) -> Encoded:
     return Encoded(input_ids=ids[:max_length], labels=labels[:max_length], truncated=truncated, completion_fits=True)
 
 
+def prompt_and_completion(rows: list[dict], shape: str, cfg: PromptConfig) -> tuple[str, list[str], list[str]]:
+    """(template, texts, completions) of price rows (the prompt's template, the rendered prices) or of
+    prompt/completion rows (verbatim)."""
+    if shape == PRICE:
+        completions = [render_completion(cfg.completion, row["price"]) for row in rows]
+        return cfg.template, [row["text"] for row in rows], completions
+    return VERBATIM, [row["prompt"] for row in rows], [row["completion"] for row in rows]
+
+
 def encode_rows(tokenizer, rows: list[dict], shape: str, cfg: PromptConfig) -> list[Encoded]:
     """Input ids and completion-only labels for split rows of `shape`, one Encoded per row; price and
     prompt/completion rows are tokenized as batches (see `encode_examples`)."""
-    if shape == PRICE:
-        completions = [render_completion(cfg.completion, row["price"]) for row in rows]
-        texts = [row["text"] for row in rows]
-        return encode_examples(tokenizer, cfg.template, texts, completions, cfg.max_length, cfg.add_eos)
-    if shape == PAIR:
-        prompts, completions = [row["prompt"] for row in rows], [row["completion"] for row in rows]
-        return encode_examples(tokenizer, VERBATIM, prompts, completions, cfg.max_length, cfg.add_eos)
-    return [encode_chat(tokenizer, row["messages"], cfg.max_length) for row in rows]
+    if shape == CHAT:
+        return [encode_chat(tokenizer, row["messages"], cfg.max_length) for row in rows]
+    template, texts, completions = prompt_and_completion(rows, shape, cfg)
+    return encode_examples(tokenizer, template, texts, completions, cfg.max_length, cfg.add_eos)
 
 
 def generation_prompt(tokenizer, row: dict, shape: str, cfg: PromptConfig, max_new_tokens: int) -> str:
