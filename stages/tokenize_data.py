@@ -7,6 +7,8 @@ becomes the prompt (the template with the description) followed by the completio
 with the base model's chat template. Prompt tokens (all but the assistant turns, for chat) are labelled
 -100 so the loss covers the completion only. Examples too long for max_length are cut and counted.
 Stops with an error naming the split file and line when an example keeps no label token.
+A split is read, tokenized and written CHUNK_ROWS rows at a time (a batch for the tokenizer, columns built by
+numpy), so memory stays flat at the course's 400k rows (docs/performance.md#data-at-the-courses-scale).
 It writes both splits as a Hugging Face DatasetDict (arrow), the length metrics, and the length histogram as
 plot data and as a chart. Inputs and outputs: `SPEC` below.
 
@@ -124,6 +126,16 @@ def token_columns(tokenizer, rows: list[dict], shape: str, cfg: PromptConfig):
     return [pa.ListArray.from_arrays(starts, pa.array(ids)), pa.ListArray.from_arrays(starts, pa.array(labels))]
 
 
+def row_columns(tokenizer, numbered: list[tuple[int, dict]], shape: str, cfg: PromptConfig, where: str):
+    """([input_ids, labels] as Arrow list arrays, rows truncated) of a chunk encoded row by row (`encode_chunk`):
+    the path for chat rows and for rows too long for max_length."""
+    import pyarrow as pa
+
+    ids, labels, truncated, _ = zip(*encode_chunk(tokenizer, numbered, shape, cfg, where), strict=True)
+    types = [field.type for field in arrow_schema()]
+    return [pa.array(ids, type=types[0]), pa.array(labels, type=types[1])], sum(truncated)
+
+
 def tokenize_split(tokenizer, source: Path, cfg: PromptConfig, arrow_file: Path) -> SplitTokens:
     """Tokenize the split file `source` chunk by chunk into the Arrow stream `arrow_file` (columns input_ids and
     labels); its lengths and truncation count. Errors name the file and line (shape, JSON, completion fit)."""
@@ -140,13 +152,10 @@ def tokenize_split(tokenizer, source: Path, cfg: PromptConfig, arrow_file: Path)
             if shape is None and numbered_shape(numbered[:1], where) == CHAT:
                 require_chat_template(tokenizer, where)
             shape = numbered_shape(numbered, where, expected=shape)
-            columns = token_columns(tokenizer, [row for _, row in numbered], shape, cfg)
+            columns, truncated = token_columns(tokenizer, [row for _, row in numbered], shape, cfg), 0
             if columns is None:
-                ids, labels, truncated, _ = zip(*encode_chunk(tokenizer, numbered, shape, cfg, where), strict=True)
-                columns = [
-                    pa.array(values, type=field.type) for values, field in zip((ids, labels), schema, strict=True)
-                ]
-                result.truncated += sum(truncated)
+                columns, truncated = row_columns(tokenizer, numbered, shape, cfg, where)
+            result.truncated += truncated
             writer.write_batch(pa.RecordBatch.from_arrays(columns, schema=schema))
             result.lengths += columns[0].value_lengths().to_pylist()
             progress.update(len(numbered))
