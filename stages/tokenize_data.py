@@ -32,7 +32,7 @@ from stages.common.io import atomic_path, numbered_jsonl, write_csv, write_json
 from stages.common.labels import IGNORE_INDEX
 from stages.common.modeling import load_tokenizer
 from stages.common.paths import Paths
-from stages.common.prompts import pair_token_ids
+from stages.common.prompts import encode_example, pair_token_ids
 from stages.common.rows import TARGET_FIELD, numbered_shape
 from stages.common.shapes import encode_rows, prompt_and_completion, require_chat_template
 from stages.common.spec import StageSpec
@@ -94,10 +94,10 @@ def encode_chunk(tokenizer, numbered: list[tuple[int, dict]], shape: str, cfg: P
 
 
 def token_columns(tokenizer, rows: list[dict], shape: str, cfg: PromptConfig):
-    """[input_ids, labels] of a chunk of price or prompt/completion rows as Arrow list arrays, assembled by numpy
-    from the batched prompt and completion ids rather than row by row (at 400k rows the Python lists cost as much
-    as the tokenizer); None when a row needs the row-by-row path: chat rows, a row too long for max_length (its
-    prompt is cut there), or a completion with no token (reported there)."""
+    """([input_ids, labels] as Arrow list arrays, rows truncated) of a chunk of price or prompt/completion rows,
+    assembled by numpy from the batched prompt and completion ids rather than row by row (at 400k rows the Python
+    lists cost as much as the tokenizer). A row too long for max_length gets `encode_example`'s cut prompt. None
+    when the chunk needs the row-by-row path: chat rows, or a completion that cannot fit (reported there)."""
     import numpy as np
     import pyarrow as pa
 
@@ -105,13 +105,19 @@ def token_columns(tokenizer, rows: list[dict], shape: str, cfg: PromptConfig):
         return None
     template, texts, completions = prompt_and_completion(rows, shape, cfg)
     prompts, endings = pair_token_ids(tokenizer, template, texts, completions, cfg.add_eos)
+    too_long = [i for i, (p, c) in enumerate(zip(prompts, endings, strict=True)) if len(p) + len(c) > cfg.max_length]
+    for i in too_long:
+        cut = encode_example(tokenizer, template, texts[i], completions[i], cfg.max_length, cfg.add_eos)
+        if not cut.completion_fits:
+            return None
+        prompts[i] = cut.input_ids[: len(cut.input_ids) - len(endings[i])]  # the cut prompt, then the completion
     input_type = arrow_schema().field("input_ids").type
     prompt_ids, completion_ids = pa.array(prompts, type=input_type), pa.array(endings, type=input_type)
     prompt_lengths = np.diff(prompt_ids.offsets.to_numpy())
     completion_lengths = np.diff(completion_ids.offsets.to_numpy())
-    lengths = prompt_lengths + completion_lengths
-    if lengths.max(initial=0) > cfg.max_length or completion_lengths.min(initial=1) == 0:
+    if completion_lengths.min(initial=1) == 0:
         return None
+    lengths = prompt_lengths + completion_lengths
     # each row is its prompt then its completion: mark every output position as one or the other, then fill
     # the prompt positions with the prompt ids and the rest with the completion ids, both in row order
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
@@ -123,12 +129,13 @@ def token_columns(tokenizer, rows: list[dict], shape: str, cfg: PromptConfig):
     labels = ids.astype(np.int64)
     labels[in_prompt] = IGNORE_INDEX
     starts = pa.array(offsets)
-    return [pa.ListArray.from_arrays(starts, pa.array(ids)), pa.ListArray.from_arrays(starts, pa.array(labels))]
+    columns = [pa.ListArray.from_arrays(starts, pa.array(ids)), pa.ListArray.from_arrays(starts, pa.array(labels))]
+    return columns, len(too_long)
 
 
 def row_columns(tokenizer, numbered: list[tuple[int, dict]], shape: str, cfg: PromptConfig, where: str):
     """([input_ids, labels] as Arrow list arrays, rows truncated) of a chunk encoded row by row (`encode_chunk`):
-    the path for chat rows and for rows too long for max_length."""
+    the path for chat rows, and the one that names the line of a completion that cannot fit."""
     import pyarrow as pa
 
     ids, labels, truncated, _ = zip(*encode_chunk(tokenizer, numbered, shape, cfg, where), strict=True)
@@ -152,9 +159,8 @@ def tokenize_split(tokenizer, source: Path, cfg: PromptConfig, arrow_file: Path)
             if shape is None and numbered_shape(numbered[:1], where) == CHAT:
                 require_chat_template(tokenizer, where)
             shape = numbered_shape(numbered, where, expected=shape)
-            columns, truncated = token_columns(tokenizer, [row for _, row in numbered], shape, cfg), 0
-            if columns is None:
-                columns, truncated = row_columns(tokenizer, numbered, shape, cfg, where)
+            encoded = token_columns(tokenizer, [row for _, row in numbered], shape, cfg)
+            columns, truncated = encoded or row_columns(tokenizer, numbered, shape, cfg, where)
             result.truncated += truncated
             writer.write_batch(pa.RecordBatch.from_arrays(columns, schema=schema))
             result.lengths += columns[0].value_lengths().to_pylist()

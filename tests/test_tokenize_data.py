@@ -71,8 +71,8 @@ def test_chunks_give_the_dataset_one_pass_gives(pipeline_project, tmp_path, monk
 
 @pytest.mark.parametrize("add_eos", [True, False])
 def test_the_column_path_gives_the_row_path_s_ids_and_labels(pipeline_project, add_eos):
-    """token_columns (numpy over batched ids) against encode_rows (one Encoded per row): the same lists; and a
-    chunk holding a row to truncate is left to the row path."""
+    """token_columns (numpy over batched ids) against encode_rows (one Encoded per row): the same lists, a row to
+    truncate included; a completion that cannot fit is left to the row path, which names its line."""
     from stages.common.io import read_jsonl
     from stages.common.modeling import load_tokenizer
     from stages.common.shapes import encode_rows
@@ -80,15 +80,17 @@ def test_the_column_path_gives_the_row_path_s_ids_and_labels(pipeline_project, a
     paths, _, _ = pipeline_project
     tokenizer = load_tokenizer(paths.base_model)
     cfg = params_from_dict({"prompt": {"add_eos": add_eos}}).prompt
-    rows = read_jsonl(paths.split("train"))
-    ids, labels = tokenize_data.token_columns(tokenizer, rows, "price", cfg)
+    long_row = {"text": "A silver kettle with a long description. " * 40, "price": 12.0}
+    rows = [*read_jsonl(paths.split("train")), long_row]
+    (ids, labels), truncated = tokenize_data.token_columns(tokenizer, rows, "price", cfg)
     encoded = encode_rows(tokenizer, rows, "price", cfg)
     assert ids.to_pylist() == [e.input_ids for e in encoded] and labels.to_pylist() == [e.labels for e in encoded]
+    assert truncated == 1 == sum(e.truncated for e in encoded) and len(ids[-1]) <= cfg.max_length
     pairs = [{"prompt": r["text"], "completion": f" {r['price']:.0f} dollars"} for r in rows]
-    ids, labels = tokenize_data.token_columns(tokenizer, pairs, "prompt_completion", cfg)
+    (ids, labels), _ = tokenize_data.token_columns(tokenizer, pairs, "prompt_completion", cfg)
     assert ids.to_pylist() == [e.input_ids for e in encode_rows(tokenizer, pairs, "prompt_completion", cfg)]
-    long_row = {"text": "A silver kettle with a long description. " * 40, "price": 12.0}
-    assert tokenize_data.token_columns(tokenizer, [*rows, long_row], "price", cfg) is None
+    tight = params_from_dict({"prompt": {"max_length": 3, "add_eos": False}}).prompt
+    assert tokenize_data.token_columns(tokenizer, rows, "price", tight) is None
 
 
 def test_a_row_of_another_shape_in_a_later_chunk_is_named_by_its_line(pipeline_project, tmp_path, monkeypatch):
