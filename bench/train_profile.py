@@ -20,7 +20,7 @@ import torch
 from transformers import TrainerCallback
 
 from bench.machine import describe, machine
-from bench.train_throughput import bench_params, scratch_project
+from bench.train_throughput import bench_params, project_trainer, scratch_project
 from stages.common.io import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_profile.json"
@@ -85,19 +85,12 @@ def category(event) -> str:
 
 def profile(steps: int, warmup: int):
     """Every profiled event (torch's FunctionEvent: name, self CPU time, parent) over the profiled steps."""
-    from datasets import load_from_disk
-
     from stages.common.modeling import set_threads
-    from stages.train_qlora import build_trainer, choose_optimizer, prepare_model
 
     params = bench_params(warmup + steps)
     set_threads(params.train.threads)
     with tempfile.TemporaryDirectory(prefix="bench-profile-") as folder:
-        paths = scratch_project(Path(folder))
-        tokenizer, model = prepare_model(params, paths)
-        optimizer, _ = choose_optimizer(params.train.optimizer)
-        data = load_from_disk(str(paths.tokenized))
-        trainer, _ = build_trainer(params, paths, model, tokenizer, data, optimizer)
+        trainer, _ = project_trainer(params, scratch_project(Path(folder)))
         window = ProfileWindow(warmup, steps)
         trainer.add_callback(window)
         trainer.args.eval_delay = 10**9

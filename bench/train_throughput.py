@@ -105,8 +105,8 @@ def scratch_project(folder: Path):
     return there
 
 
-def train_project(params, paths):
-    """(model, tokenizer, counter, seconds): stages/train_qlora's model and Trainer, trained `max_steps`."""
+def project_trainer(params, paths):
+    """(Trainer, tokenizer): stages/train_qlora's own model and Trainer for `params`, loaded as the stage does."""
     from datasets import load_from_disk
 
     from stages.train_qlora import build_trainer, choose_optimizer, prepare_model
@@ -114,7 +114,13 @@ def train_project(params, paths):
     tokenizer, model = prepare_model(params, paths)
     optimizer, _ = choose_optimizer(params.train.optimizer)
     trainer, _ = build_trainer(params, paths, model, tokenizer, load_from_disk(str(paths.tokenized)), optimizer)
-    return model, tokenizer, *timed_training(trainer)
+    return trainer, tokenizer
+
+
+def train_project(params, paths):
+    """(model, tokenizer, counter, seconds): stages/train_qlora's model and Trainer, trained `max_steps`."""
+    trainer, tokenizer = project_trainer(params, paths)
+    return trainer.model, tokenizer, *timed_training(trainer)
 
 
 def course_pairs(rows: list[dict], prompt) -> list[dict]:
