@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 # Stage commands in dvc.yaml call `python`: make it this environment's.
 RUN := env PATH="$(BIN):$$PATH" PREFECT_SERVER_ANALYTICS_ENABLED=false
 
-.PHONY: venv demo test test-fast test-random serve-champion predict lint format repro plan prefect-server serve deploy worker mlflow-ui mlflow-server bench bench-train bench-profile bench-eval bench-data bench-memory bench-memory-1b bench-overhead bench-noise bench-gguf bench-serving clean
+.PHONY: venv demo sweep test test-fast test-random serve-champion predict lint format repro plan prefect-server serve deploy worker mlflow-ui mlflow-server bench bench-train bench-profile bench-eval bench-data bench-memory bench-memory-1b bench-overhead bench-noise bench-gguf bench-serving clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ venv: $(STAMP)
 
 demo: venv
 	$(RUN) $(BIN)/python -m flows
+
+# params.yaml's sweep as DVC experiments run by DVC's queue, JOBS=N side by side (docs/sweeps.md); commit the
+# project (and dvc.lock after `make demo`, so trials reuse its outputs) first.
+sweep: venv
+	$(RUN) $(BIN)/python -m flows.sweep $(if $(JOBS),--jobs $(JOBS))
 
 test: venv lint
 	$(RUN) $(BIN)/python -m pytest

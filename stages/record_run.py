@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages.common.cli import run_stage
-from stages.common.config import PRICE, Params
+from stages.common.config import PRICE, Params, flatten
 from stages.common.errors import StageError
 from stages.common.io import read_json, read_jsonl, write_json
 from stages.common.paths import Paths
@@ -61,6 +61,36 @@ def how_started() -> tuple[str, dict[str, str]]:
     experiment = os.environ.get("DVC_EXP_NAME")
     started_by = os.environ.get("PIPELINE_STARTED_BY") or ("dvc exp run" if experiment else "dvc repro")
     return started_by, ({"dvc.exp_name": experiment} if experiment else {})
+
+
+def sweep_trial(params: Params) -> tuple[str, dict[str, str]] | None:
+    """(run name, tags) of a sweep's trial, which flows/sweep.py's DVC queue runs with $SWEEP_ID,
+    $SWEEP_PARENT_RUN_ID and $SWEEP_KEYS set: a child of the sweep's run, named after the values it tried.
+    None outside a sweep."""
+    parent = os.environ.get("SWEEP_PARENT_RUN_ID")
+    if not parent:
+        return None
+    values = flatten(params)
+    tried = " ".join(f"{key.rsplit('.', 1)[-1]}={values[key]}" for key in os.environ.get("SWEEP_KEYS", "").split(","))
+    name = f"{os.environ.get('DVC_EXP_NAME', 'trial')} {tried}".strip()
+    return name, {"mlflow.parentRunId": parent, "sweep.id": os.environ.get("SWEEP_ID", ""), "sweep.trial": tried}
+
+
+def record_trial(params: Params, paths: Paths, name: str, tags: dict[str, str]) -> Result:
+    """A sweep trial's child run, with its MLflow Model; no registry version: the sweep's gate decides once,
+    for its best trial (flows/sweep.py), so trials finishing together never race on the aliases."""
+    started_by, extra_tags = how_started()
+    run_id = record_pipeline_run(paths, params, started_by, run_name=name, tags={**tags, **extra_tags})
+    client = client_for(paths, params)
+    model = log_model(client, run_id, params, paths, read_jsonl(paths.split("test")))
+    client.set_tag(run_id, "model.uri", f"models:/{model.model_id}")
+    reason = "a sweep trial: the sweep registers its best trial and applies the gate once"
+    write_json(paths.run_record, {
+        "run_id": run_id, "tracking_uri": shown_uri(tracking_uri(paths, params)), "started_by": started_by,
+        **extra_tags, **tags, "version": None, "alias": None, "promoted": False, "reason": reason,
+    })  # fmt: skip
+    print(f"MLflow run {run_id} ({name}), child of sweep run {tags['mlflow.parentRunId']}")
+    return Result(run_id, "", None, reason)
 
 
 def rescorer(params: Params, paths: Paths, client) -> Rescore:
@@ -99,6 +129,9 @@ def run(params: Params, paths: Paths) -> Result:
     for needed in (paths.adapter / "adapter_config.json", paths.eval_metrics, paths.data_metrics, paths.predictions):
         if not needed.is_file():
             raise StageError(f"{needed}: missing; run the stages before record_run (`dvc repro`)")
+    trial = sweep_trial(params)
+    if trial:
+        return record_trial(params, paths, *trial)
     started_by, extra_tags = how_started()
     previous_champion = champion_metrics(paths, params)  # before this run can move the alias
     run_id = record_pipeline_run(paths, params, started_by, run_id=os.environ.get("MLFLOW_RUN_ID"))

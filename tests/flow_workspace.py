@@ -18,6 +18,7 @@ from tests.conftest import REPO_ROOT, write_project
 COPIED = (
     "stages",
     "serving",
+    "sweeps",
     "flows",
     "configs",
     "dvc.yaml",
@@ -101,10 +102,10 @@ def set_param(root: Path, section: str, key: str, value) -> None:
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def latest_report(env: dict) -> str:
-    """The newest `retrain-report` Markdown artifact, read back from the REST API of the Prefect server in
-    `env`'s PREFECT_API_URL."""
-    query = {"artifacts": {"key": {"any_": ["retrain-report"]}}, "sort": "CREATED_DESC", "limit": 1}
+def latest_report(env: dict, key: str = "retrain-report") -> str:
+    """The newest Markdown artifact `key`, read back from the REST API of the Prefect server in `env`'s
+    PREFECT_API_URL."""
+    query = {"artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC", "limit": 1}
     request = urllib.request.Request(
         f"{env['PREFECT_API_URL']}/artifacts/filter",
         data=json.dumps(query).encode(),

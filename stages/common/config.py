@@ -34,6 +34,8 @@ SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 LAUNCHERS = ("single", "accelerate")  # train_qlora in this process, or under `accelerate launch`
 MERGE_TARGETS = ("dequantized", "unquantized")
 GGUF_TYPES = ("f16", "q8_0")  # export.gguf: GGUF files of the merged model (serving/gguf.py)
+SWEEP_METHODS = ("grid", "random")  # every combination of the swept values, or `sweep.trials` drawn from them
+SWEEP_REGISTER = ("best", "all")  # which trials get a registry version (only the best meets the gate)
 # The metrics the promotion gate can decide on: {name: (the data shapes they score, greater is better)}.
 # stages/tracking/gate.py computes each from per-item results; "auto" is avg_error for prices, loss otherwise.
 TEXT_SHAPES = (PAIR, CHAT)
@@ -309,6 +311,43 @@ class FlowConfig(Section):
             )
 
 
+def _default_grid() -> dict:
+    return {"train.learning_rate": [3.0e-4, 1.0e-3], "lora.r": [8, 32]}
+
+
+def _default_fixed() -> dict:
+    return {"train.max_steps": 60}
+
+
+@dataclass(frozen=True)
+class SweepConfig(Section):
+    """`make sweep` (flows/sweep.py): trials as DVC experiments; sweeps/plan.py checks the keys and values
+    against the other sections before any trial starts."""
+
+    SECTION: ClassVar[str] = "sweep"
+    method: str = one_of("grid", SWEEP_METHODS)
+    grid: dict = field(default_factory=_default_grid)  # "section.key": [values], one value per key per trial
+    fixed: dict = field(default_factory=_default_fixed)  # "section.key": value, the same in every trial
+    seeds: list[int] = field(default_factory=list)  # train.seed values each combination repeats with
+    trials: int | None = at_least(None, 1)  # the budget: at most this many trials; None: the whole grid
+    jobs: int = at_least(1, 1)  # trials run side by side by DVC's queue; each gets cores / jobs threads
+    register: str = one_of("best", SWEEP_REGISTER)
+    sample_seed: int = 0  # method random: which combinations are drawn
+
+    def check(self) -> None:
+        if not self.grid:
+            self.fail("grid", 'at least one "section.key": [values] to try')
+        for key, values in self.grid.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"sweep.grid.{key}: expected a non-empty list of values to try, got {values!r}")
+            if len({repr(v) for v in values}) != len(values):
+                raise ConfigError(f"sweep.grid.{key}: expected distinct values, got {values!r}")
+        if len(set(self.seeds)) != len(self.seeds):
+            self.fail("seeds", "distinct train.seed values, or [] for the params' own seed")
+        if self.method == "random" and self.trials is None:
+            self.fail("trials", "how many trials to draw (a number of at least 1) with method random")
+
+
 class Undeclared:
     """Stands in for a params section (or key) a stage did not declare: reading it fails, naming the fix."""
 
@@ -340,6 +379,7 @@ class Params:
     export: ExportConfig
     tracking: TrackingConfig
     flow: FlowConfig
+    sweep: SweepConfig
 
     def only(self, declared: tuple[str, ...], stage: str) -> Params:
         """These params with every section (or `section.key`) not in `declared` replaced by a stand-in that
@@ -386,7 +426,10 @@ def _coerce(value, hint, where: str):
                 pass
     elif hint is str and isinstance(value, str):
         return value
-    raise ConfigError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+    elif hint is dict and isinstance(value, dict):
+        return {str(key): item for key, item in value.items()}
+    expected = "a mapping" if hint is dict else getattr(hint, "__name__", hint)
+    raise ConfigError(f"{where}: expected {expected}, got {value!r}")
 
 
 def section_from_dict(cls, data: dict | None, name: str):

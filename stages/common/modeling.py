@@ -23,11 +23,18 @@ def compute_dtype(name: str):
     return getattr(torch, name)  # config.COMPUTE_DTYPES: float32, bfloat16 or float16
 
 
+def cores() -> int:
+    """The CPU threads this process may use: $OMP_NUM_THREADS when set (a sweep running trials side by side
+    shares the cores out that way), else one per core."""
+    given = os.environ.get("OMP_NUM_THREADS", "")
+    return int(given) if given.isdigit() and int(given) > 0 else max(os.cpu_count() or 1, 1)
+
+
 def set_threads(threads: int) -> None:
-    """Use `threads` CPU threads for torch (0: one per core)."""
+    """Use `threads` CPU threads for torch (0: `cores()`)."""
     import torch
 
-    torch.set_num_threads(threads if threads > 0 else max(os.cpu_count() or 1, 1))
+    torch.set_num_threads(threads if threads > 0 else cores())
 
 
 def load_tokenizer(path: Path, padding_side: str = "right"):

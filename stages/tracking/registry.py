@@ -175,16 +175,8 @@ def register_adapter(
             f"{PER_ITEM_ARTIFACT}: prediction rows have no {exc.args[0]!r} field; re-run evaluate_adapter (dvc repro)"
         ) from exc
     decision = decide(gate, candidate, champion, base_items(rows), test_sha256)
-    tags = {ADAPTER_HASH_TAG: sha256, TEST_HASH_TAG: test_sha256 or "unknown", PER_ITEM_TAG: PER_ITEM_ARTIFACT}
-    version = client.create_model_version(
-        cfg.registered_model,
-        # The model's artifact location rather than models:/<id>, which MLflow resolves with the process's
-        # default tracking URI instead of this client's.
-        source=model.artifact_location if model else f"{client.get_run(run_id).info.artifact_uri}/adapter",
-        run_id=run_id,
-        tags={**tags, **decision_tags(decision)},
-        description=decision.reason,
-        model_id=model.model_id if model else None,
+    version = create_version(
+        client, cfg.registered_model, run_id, sha256, test_sha256, model, decision_tags(decision), decision.reason
     )
     client.set_registered_model_alias(cfg.registered_model, decision.alias, version.version)
     for key, value in {**decision_tags(decision), "registry.version": str(version.version)}.items():
@@ -197,6 +189,24 @@ def register_adapter(
         "reason": decision.reason,
         "comparison": decision.comparison.record() if decision.comparison else None,
     }
+
+
+def create_version(
+    client, name: str, run_id: str, sha256: str, test_sha256: str | None, model, tags: dict, description: str
+):
+    """A new version of registered model `name` for the adapter (hash `sha256`) of run `run_id`, its source the
+    LoggedModel `model` (or without one the run's `adapter` folder), tagged for later comparisons."""
+    lineage = {ADAPTER_HASH_TAG: sha256, TEST_HASH_TAG: test_sha256 or "unknown", PER_ITEM_TAG: PER_ITEM_ARTIFACT}
+    return client.create_model_version(
+        name,
+        # The model's artifact location rather than models:/<id>, which MLflow resolves with the process's
+        # default tracking URI instead of this client's.
+        source=model.artifact_location if model else f"{client.get_run(run_id).info.artifact_uri}/adapter",
+        run_id=run_id,
+        tags={**lineage, **tags},
+        description=description,
+        model_id=model.model_id if model else None,
+    )
 
 
 def base_items(rows: list[dict]) -> Items | None:

@@ -159,11 +159,13 @@ def champion_metrics(paths: Paths, params: Params) -> dict[str, float] | None:
     return {key.removeprefix(prefix): value for key, value in run.data.metrics.items() if key.startswith(prefix)}
 
 
-def start_pipeline_run(paths: Paths, params: Params, started_by: str, run_name: str | None = None) -> str:
-    """Open an MLflow run for one pipeline execution, tagged with how it started; return its id.
+def start_pipeline_run(
+    paths: Paths, params: Params, started_by: str, run_name: str | None = None, tags: dict | None = None
+) -> str:
+    """Open an MLflow run for one pipeline execution, tagged with how it started (and `tags`); return its id.
     Stages log into it while they run when its id is in $MLFLOW_RUN_ID."""
     client = client_for(paths, params)
-    tags = {"started_by": started_by, **git_tags(paths.root), **library_tags()}
+    tags = {"started_by": started_by, **git_tags(paths.root), **library_tags(), **(tags or {})}
     run = client.create_run(experiment_id(client, paths, params.tracking.experiment), run_name=run_name, tags=tags)
     return run.info.run_id
 
@@ -175,6 +177,7 @@ def record_pipeline_run(
     run_id: str | None = None,
     run_name: str | None = None,
     extra_metrics: dict | None = None,
+    tags: dict | None = None,
 ) -> str:
     """Log this pipeline execution into run `run_id` (or a new run): params, every metric the stages wrote,
     the loss curve, the adapter, charts and model card, and lineage tags (git, dvc.lock hashes, test-set
@@ -183,7 +186,7 @@ def record_pipeline_run(
     client = client_for(paths, params)
     created = run_id is None
     if created:
-        run_id = start_pipeline_run(paths, params, started_by, run_name)
+        run_id = start_pipeline_run(paths, params, started_by, run_name, tags)
     try:
         log_execution(client, run_id, paths, params, extra_metrics or {})
     except Exception:

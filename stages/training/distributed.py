@@ -15,6 +15,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import TypeVar
 
+from stages.common.modeling import cores
+
 T = TypeVar("T")
 
 
@@ -43,7 +45,7 @@ def threads_per_process(threads: int) -> int:
     if threads > 0:
         return threads
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max((os.cpu_count() or 1) // local_processes, 1)
+    return max(cores() // local_processes, 1)
 
 
 def on_main_then_share(action: Callable[[], T]) -> T:

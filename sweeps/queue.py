@@ -1,0 +1,133 @@
+"""DVC's experiment queue, as a sweep drives it: queue the trials, start workers, watch them, read failures.
+
+Each trial is `dvc exp run --queue --name <trial> -S key=value ...`; `dvc queue start --jobs N` starts N
+workers, each running one trial at a time in its own temporary copy of the workspace (.dvc/tmp/exps), so
+trials side by side never share outputs, and every finished trial is a DVC experiment (`dvc exp show`,
+`dvc exp apply <name>`). The workers inherit the environment of `dvc queue start`: that is how a sweep hands
+its trials the MLflow parent run and their share of the cores.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stages.common.errors import StageError
+
+QUEUED, RUNNING, SUCCESS, FAILED = "Queued", "Running", "Success", "Failed"
+FINISHED = (SUCCESS, FAILED)
+
+
+def dvc(root: Path, env: dict, *args: str) -> str:
+    """`dvc <args>` in `root`: its output; StageError with DVC's own message when it fails. The output goes
+    through a file, not a pipe: `dvc queue start`'s workers inherit it and outlive the command."""
+    with tempfile.TemporaryFile("w+", encoding="utf-8") as output:
+        code = subprocess.run(
+            [sys.executable, "-m", "dvc", *args],
+            cwd=root,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            check=False,
+        ).returncode
+        output.seek(0)
+        text = output.read()
+    if code != 0:
+        lines = [line for line in text.splitlines() if line.strip()]
+        raise StageError(f"`dvc {' '.join(args)}` failed: {lines[-1] if lines else f'exit {code}'}")
+    return text
+
+
+def queue_states(root: Path, env: dict) -> dict[str, str]:
+    """{experiment name: Queued / Running / Success / Failed} from `dvc queue status`."""
+    states = {}
+    for line in dvc(root, env, "queue", "status").splitlines():
+        words = line.split()
+        if len(words) >= 4 and words[-1] in (QUEUED, RUNNING, *FINISHED) and words[0] != "Task":
+            states[words[1]] = words[-1]
+    return states
+
+
+def require_idle_queue(root: Path, env: dict) -> None:
+    """StageError when the queue holds waiting or running experiments: the sweep's workers would run them too."""
+    busy = sorted(name for name, state in queue_states(root, env).items() if state in (QUEUED, RUNNING))
+    if busy:
+        raise StageError(
+            f"DVC's experiment queue already holds {', '.join(busy)} (`dvc queue status`); let them finish, or "
+            "remove them with `dvc queue remove --queued` (`dvc queue kill` for running ones), then start the sweep"
+        )
+
+
+def queue_trial(root: Path, env: dict, name: str, arguments: list[str], copy_paths: list[str]) -> None:
+    """Queue one trial: `dvc exp run --queue --name <name> -S ...`, copying `copy_paths` (ignored files the
+    pipeline reads, such as a local base model) into its temporary workspace."""
+    copies = [item for path in copy_paths for item in ("--copy-paths", path)]
+    dvc(root, env, "exp", "run", "--queue", "--name", name, *arguments, *copies)
+
+
+def trial_log(root: Path, env: dict, name: str, lines: int = 15) -> str:
+    """The last lines of a trial's output (`dvc queue logs`), for a failure's report."""
+    try:
+        text = dvc(root, env, "queue", "logs", name)
+    except StageError as exc:
+        return str(exc)
+    kept = [line for line in text.splitlines() if line.strip()]
+    return "\n".join(kept[-lines:])
+
+
+@dataclass
+class Watch:
+    """When each trial started and ended, as seen by polling the queue every `interval` seconds."""
+
+    names: list[str]
+    interval: float = 10.0  # `dvc queue status` takes ~3 s of CPU: poll gently
+    started: dict[str, float] = field(default_factory=dict)
+    ended: dict[str, float] = field(default_factory=dict)
+    states: dict[str, str] = field(default_factory=dict)
+
+    def offset(self, name: str) -> float | None:
+        """When `name` started, in seconds after the first trial started."""
+        if name not in self.started:
+            return None
+        return round(self.started[name] - min(self.started.values()), 1)
+
+    def seconds(self, name: str) -> float | None:
+        if name not in self.ended:
+            return None
+        return round(self.ended[name] - self.started.get(name, self.ended[name]), 1)
+
+    def until_done(self, read_states: Callable[[], dict[str, str]], say: Callable[[str], None]) -> dict[str, str]:
+        """Poll `read_states` until every trial finished; say each change of state; return the final states."""
+        while True:
+            now = time.monotonic()
+            current = read_states()
+            for name in self.names:
+                state = current.get(name, self.states.get(name, QUEUED))
+                if state == self.states.get(name) or self.states.get(name) in FINISHED:
+                    continue
+                if state == RUNNING or (state in FINISHED and name not in self.started):
+                    self.started.setdefault(name, now)
+                if state in FINISHED:
+                    self.ended[name] = now
+                self.states[name] = state
+                done = sum(self.states.get(n) in FINISHED for n in self.names)
+                took = f" after {self.seconds(name) / 60:.1f} min" if state in FINISHED else ""
+                say(f"[{done}/{len(self.names)} done] {name}: {state.lower()}{took}")
+            if all(self.states.get(name) in FINISHED for name in self.names):
+                return dict(self.states)
+            time.sleep(self.interval)
+
+
+def stop_trials(root: Path, env: dict, names: list[str]) -> None:
+    """Best effort, when the sweep is interrupted: drop its queued trials and kill its running ones."""
+    states = queue_states(root, env)
+    for name in names:
+        if states.get(name) == QUEUED:
+            subprocess.run([sys.executable, "-m", "dvc", "queue", "remove", name], cwd=root, env=env, check=False)
+        elif states.get(name) == RUNNING:
+            subprocess.run([sys.executable, "-m", "dvc", "queue", "kill", name], cwd=root, env=env, check=False)

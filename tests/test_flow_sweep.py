@@ -1,0 +1,103 @@
+"""flows/sweep.py end to end on the tiny model: trials as DVC experiments run two at a time by DVC's queue,
+child MLflow runs under one parent, the gate applied once, the report, and failures that stop nothing."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.flow_workspace import dvc, latest_report, run, set_param
+
+FEW_STEPS = {"train.max_steps": 4}
+
+
+def sweep(root: Path, env: dict, grid: dict, jobs: int = 2):
+    set_param(root, "sweep", "grid", grid)
+    set_param(root, "sweep", "fixed", FEW_STEPS)
+    set_param(root, "sweep", "jobs", jobs)
+    return run([sys.executable, "-m", "flows.sweep", "--project-dir", str(root)], root, env, check=False)
+
+
+def sweep_runs(uri: str, sweep_id: str):
+    """(parent run, child runs) of the sweep in the store at `uri`."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("qlora-price")
+    runs = client.search_runs([experiment.experiment_id], f"tags.`sweep.id` = '{sweep_id}'")
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    return client, parent, [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+
+
+def report_folder(root: Path) -> Path:
+    (folder,) = (root / "reports" / "sweeps").iterdir()
+    return folder
+
+
+def test_a_two_by_two_sweep_runs_as_four_experiments_and_gates_once(workspace_copy):
+    root, env = workspace_copy
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    done = sweep(root, env, {"train.learning_rate": [3.0e-3, 1.0e-2], "lora.r": [4, 8]})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    folder = report_folder(root)
+    sweep_id = folder.name
+    names = [f"{sweep_id}-0{i}" for i in range(1, 5)]
+
+    shown = json.loads(dvc(["exp", "show", "--json"], root, env).stdout)
+    experiments = {e["name"]: e["revs"][0]["data"] for row in shown for e in row.get("experiments") or []}
+    assert set(names) <= set(experiments)
+    tried = {
+        (d["params"]["params.yaml"]["data"]["train"]["learning_rate"], d["params"]["params.yaml"]["data"]["lora"]["r"])
+        for n, d in experiments.items()
+        if n in names
+    }
+    assert tried == {(0.003, 4), (0.003, 8), (0.01, 4), (0.01, 8)}
+    assert all("adapter" in experiments[n]["metrics"]["metrics/eval.json"]["data"] for n in names)
+
+    client, parent, children = sweep_runs(uri, sweep_id)
+    assert len(children) == 4 and {c.data.tags["dvc.exp_name"] for c in children} == set(names)
+    assert all(c.info.run_name.startswith(c.data.tags["dvc.exp_name"] + " learning_rate=") for c in children)
+    best = min(children, key=lambda c: c.data.metrics["eval.adapter.avg_error"])
+    made = client.search_model_versions(f"run_id = '{best.info.run_id}'")
+    assert len(made) == 1  # the gate ran once, on the best trial; the others registered nothing
+    assert not [
+        v for c in children if c is not best for v in client.search_model_versions(f"run_id = '{c.info.run_id}'")
+    ]
+    assert parent.data.tags["promotion.best_trial"] == best.data.tags["dvc.exp_name"]
+
+    trials = json.loads((folder / "trials.json").read_text())
+    starts = sorted(t["started"] for t in trials)
+    assert starts[1] < min(t["started"] + t["seconds"] for t in trials)  # two trials ran side by side
+    markdown = (folder / "report.md").read_text()
+    assert all(name in markdown for name in names) and (folder / "chart.png").stat().st_size > 10_000
+    assert latest_report(env, "sweep-report") == markdown
+    logged = client.list_artifacts(parent.info.run_id, "sweep")
+    assert {Path(a.path).name for a in logged} >= {"report.md", "chart.png", "trials.json"}
+
+    out = root / "plots-diff"
+    dvc(["plots", "diff", names[0], names[1], "-o", str(out)], root, env)
+    page = (out / "index.html").read_text()
+    assert names[0] in page and names[1] in page
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_a_failing_trial_is_reported_and_the_other_lands_on_a_tracking_server(workspace_copy, tmp_path):
+    from tests.local_servers import mlflow_server
+
+    root, env = workspace_copy
+    with mlflow_server(tmp_path / "mlflow-server", env) as uri:
+        env = {**env, "MLFLOW_TRACKING_URI": uri}
+        done = sweep(root, env, {"lora.target_modules": [["q_proj", "v_proj"], ["no_such_module"]]})
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        folder = report_folder(root)
+        client, _, children = sweep_runs(uri, folder.name)
+        assert [c.data.tags["dvc.exp_name"] for c in children] == [f"{folder.name}-01"]
+        (version,) = client.search_model_versions("name = 'qlora-price-adapter'")
+        assert version.run_id == children[0].info.run_id
+    markdown = (folder / "report.md").read_text()
+    assert "1 of 2 trials succeeded" in markdown
+    assert f"**{folder.name}-02** (target_modules=['no_such_module']) failed" in markdown
+    assert "no_such_module" in markdown.split("failed:", 1)[1]
