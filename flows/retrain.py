@@ -46,14 +46,16 @@ from flows.workspace import (
     command_line,
     describe_changes,
     pipeline_changes,
+    run_name,
     stage_environment,
     workspace_lock,
 )
-from stages.common.config import Params, load_params
+from stages.common.config import Params, load_params, params_by_key
 from stages.common.errors import TRANSIENT_EXIT
 from stages.common.io import read_json
 from stages.common.paths import Paths
 from stages.common.report import comparison_markdown, comparison_table, data_markdown, promotion_markdown
+from stages.tracking.names import TIMING, metric_name
 from stages.tracking.runs import log_metrics, start_pipeline_run
 from stages.tracking.store import client_for, is_server, require_server, shown_uri, tracking_uri
 
@@ -260,8 +262,10 @@ def retrain_changed(paths: Paths, params: Params, changes: str, target: tuple[st
     run, close it, push the outputs (flow.push) and publish the report."""
     require_server(tracking_uri(paths, params))
     client = client_for(paths, params)
-    run_id = start_pipeline_run(paths, params, started_by="prefect", run_name=flow_run.get_name())
+    name = run_name(paths.root, params_by_key(params))
+    run_id = start_pipeline_run(paths, params, started_by="prefect", run_name=name)
     client.set_tag(run_id, "prefect.flow_run_id", str(flow_run.get_id()))
+    client.set_tag(run_id, "prefect.flow_run_name", flow_run.get_name())
     client.set_tag(run_id, "prefect.deployment", deployment.get_name() or "none (python -m flows.retrain)")
     uri = shown_uri(tracking_uri(paths, params))
     hint = mlflow_hint(uri, run_id, client.get_run(run_id).info.experiment_id)
@@ -282,7 +286,8 @@ def retrain_changed(paths: Paths, params: Params, changes: str, target: tuple[st
             "stage_seconds": stage_seconds,
             "pushed": shared.line,
         }
-    log_metrics(client, run_id, {f"stage_seconds.{stage}": seconds for stage, seconds in stage_seconds.items()})
+    times = {metric_name(TIMING, f"{stage}_seconds"): seconds for stage, seconds in stage_seconds.items()}
+    log_metrics(client, run_id, times)
     client.set_terminated(run_id, status="FINISHED")  # the training succeeded, whatever the push does
     metrics = read_json(paths.eval_metrics)
     if record.get("previous_champion"):

@@ -46,6 +46,7 @@ from stages.common.paths import Paths
 from stages.common.report import promotion_markdown
 from stages.record_run import rescorer
 from stages.tracking.gate import Gate
+from stages.tracking.names import SWEEP, TIMING, adapter_test_metrics, metric_name
 from stages.tracking.registry import (
     TEST_HASH_TAG,
     adapter_sha256,
@@ -54,11 +55,11 @@ from stages.tracking.registry import (
     logged_rows,
     register_adapter,
 )
-from stages.tracking.runs import experiment_id, git_tags, log_metrics
+from stages.tracking.runs import experiment_id, git_tags, log_metrics, source_tags
 from stages.tracking.store import client_for, require_server, shown_uri, tracking_uri
 from sweeps.plan import Trial, plan_trials
 from sweeps.queue import FAILED, SUCCESS, Watch, queue_states, queue_trial, require_idle_queue, stop_trials, trial_log
-from sweeps.report import METRIC_PREFIX, Outcome, ranked, report_markdown, sweep_chart
+from sweeps.report import Outcome, ranked, report_markdown, sweep_chart
 
 REPORT_KEY = "sweep-report"
 
@@ -129,7 +130,7 @@ def start_parent_run(client, paths: Paths, params: Params, sweep_id: str, trials
         experiment_id(client, paths, params.tracking.experiment),
         run_name=f"{sweep_id}: {keys}",
         tags={"started_by": "sweep", "sweep.id": sweep_id, "sweep.keys": ",".join(trials[0].swept),
-              **git_tags(paths.root)},
+              **source_tags("sweep"), **git_tags(paths.root)},
     )  # fmt: skip
     sweep = params.sweep
     for key, value in {
@@ -173,10 +174,7 @@ def outcomes_of(client, experiment: str, sweep_id: str, trials: list[Trial], wat
             failure = trial_log(root, env, trial.name)
             outcomes.append(Outcome(trial, state, *timing, run.info.run_id if run else None, failure=failure))
         else:
-            metrics = {
-                k.removeprefix(METRIC_PREFIX): v for k, v in run.data.metrics.items() if k.startswith(METRIC_PREFIX)
-            }
-            outcomes.append(Outcome(trial, state, *timing, run.info.run_id, metrics))
+            outcomes.append(Outcome(trial, state, *timing, run.info.run_id, adapter_test_metrics(run.data.metrics)))
     return outcomes
 
 
@@ -310,9 +308,12 @@ def conclude(client, paths: Paths, params: Params, parent: str, trials, watch: W
     closing = closing_section(decision, registered, wall, jobs, where)
     markdown = report_markdown(sweep_id, outcomes, gate, params.data.shape, closing)
     folder = publish(client, paths, parent, sweep_id, markdown, outcomes, gate)
-    summary = {"sweep.seconds": wall, "sweep.succeeded": sum(o.state == SUCCESS for o in outcomes)}
+    summary = {
+        metric_name(TIMING, "sweep_seconds"): wall,
+        metric_name(SWEEP, "trials_succeeded"): sum(o.state == SUCCESS for o in outcomes),
+    }
     if best:
-        summary[f"best.{gate.metric}"] = best.value(gate.metric)
+        summary[metric_name(SWEEP, f"best_{gate.metric}")] = best.value(gate.metric)
     log_metrics(client, parent, summary)
     client.set_terminated(parent, status="FINISHED" if best else "FAILED")
     print(f"\n{markdown}\nreport and chart: {folder}")

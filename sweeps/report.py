@@ -18,8 +18,6 @@ from stages.tracking.gate import Gate
 from sweeps.plan import Trial, yaml_value
 from sweeps.queue import SUCCESS
 
-METRIC_PREFIX = "eval.adapter."  # where record_run logs the adapter's test metrics
-
 
 @dataclass(frozen=True)
 class Outcome:

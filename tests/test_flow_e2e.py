@@ -55,15 +55,15 @@ def test_mlflow_holds_the_run_with_metrics_artifacts_and_lineage(flow_project):
     (mlflow_run,) = client.search_runs([experiment.experiment_id])
     data = mlflow_run.data
     evaluation = json.loads((root / "metrics" / "eval.json").read_text())
-    assert data.metrics["eval.adapter.avg_error"] == pytest.approx(evaluation["adapter"]["avg_error"])
-    assert "train.val_loss" in data.metrics and "data.rows_in" in data.metrics
-    assert data.metrics["stage_seconds.train_qlora"] > 0
-    history = client.get_metric_history(mlflow_run.info.run_id, "val_loss")
+    assert data.metrics["eval/adapter.avg_error"] == pytest.approx(evaluation["adapter"]["avg_error"])
+    assert "train/val_loss" in data.metrics and "data/rows_in" in data.metrics
+    assert data.metrics["timing/train_qlora_seconds"] > 0
+    history = client.get_metric_history(mlflow_run.info.run_id, "curves/val_loss")
     assert len(history) >= 2 and all(point.timestamp > 0 for point in history)  # streamed live by train_qlora
-    assert len(client.get_metric_history(mlflow_run.info.run_id, "train_loss")) >= 5
+    assert len(client.get_metric_history(mlflow_run.info.run_id, "curves/train_loss")) >= 5
     assert client.list_artifacts(mlflow_run.info.run_id, "samples")  # what the model wrote at each evaluation
     assert data.params["lora.r"] == "4" and data.params["train.learning_rate"] == "0.003"
-    assert mlflow_run.info.status == "FINISHED" and data.metrics["stage_seconds.record_run"] > 0
+    assert mlflow_run.info.status == "FINISHED" and data.metrics["timing/record_run_seconds"] > 0
     assert data.tags["lib.transformers"] and data.tags["prefect.flow_run_id"]
     assert data.tags["dvc.dep.split_data.data/raw"] and data.tags["registry.version"] == "1"
     record = json.loads((root / "reports" / "mlflow_run.json").read_text())

@@ -60,7 +60,7 @@ def test_a_two_by_two_sweep_runs_as_four_experiments_and_gates_once(workspace_co
     client, parent, children = sweep_runs(uri, sweep_id)
     assert len(children) == 4 and {c.data.tags["dvc.exp_name"] for c in children} == set(names)
     assert all(c.info.run_name.startswith(c.data.tags["dvc.exp_name"] + " learning_rate=") for c in children)
-    best = min(children, key=lambda c: c.data.metrics["eval.adapter.avg_error"])
+    best = min(children, key=lambda c: c.data.metrics["eval/adapter.avg_error"])
     made = client.search_model_versions(f"run_id = '{best.info.run_id}'")
     assert len(made) == 1  # the gate ran once, on the best trial; the others registered nothing
     assert not [

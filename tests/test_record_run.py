@@ -36,7 +36,8 @@ def finished_project(tmp_path, monkeypatch):
     (paths.adapter / "adapter_model.safetensors").write_bytes(b"weights")
     paths.eval_metrics.parent.mkdir()
     paths.eval_metrics.write_text(json.dumps(EVALUATION))
-    paths.data_metrics.write_text(json.dumps({"rows_in": 90, "test": {"rows": 12, "sha256": "c" * 64}}))
+    splits = {"train": {"n": 60, "sha256": "a" * 64}, "val": {"n": 8, "sha256": "b" * 64}}
+    paths.data_metrics.write_text(json.dumps({"rows_in": 90, **splits, "test": {"n": 12, "sha256": "c" * 64}}))
     paths.loss_plot.parent.mkdir()
     paths.loss_plot.write_text("step,train_loss,val_loss\n2,3.0,\n4,2.5,2.7\n")
     paths.predictions.parent.mkdir()
@@ -60,6 +61,27 @@ def client_of(paths):
     return MlflowClient(tracking_uri=f"sqlite:///{paths.mlflow_db}")
 
 
+def test_the_run_reads_as_model_training_in_the_mlflow_ui(finished_project):
+    """What a person comparing runs meets: a model-training experiment, Source and User columns, the splits as
+    datasets with their digests, and metrics in sections (eval/, train/, data/, curves/)."""
+    assert record_run.main([]) == 0
+    client = client_of(finished_project)
+    run = client.get_run(json.loads(finished_project.run_record.read_text())["run_id"])
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    tags = run.data.tags
+    assert tags["mlflow.source.name"] == "dvc.yaml (dvc repro)" and tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.user"] and tags["mlflow.source.git.commit"] == tags["git.commit"]
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"diamonds-train", "diamonds-val", "diamonds-test"}
+    test = inputs["diamonds-test"]
+    assert test.dataset.digest == "c" * 16 and json.loads(test.dataset.profile) == {"num_rows": 12}
+    assert [(t.key, t.value) for t in test.tags] == [("mlflow.data.context", "test")]
+    assert json.loads(test.dataset.source)["uri"] == "data/splits/test.jsonl"
+    sections = {name.split("/", 1)[0] for name in run.data.metrics}
+    assert sections == {"eval", "data", "curves"}, sections  # no train.json or tokens.json in this fixture
+
+
 def test_dvc_repro_alone_gets_its_own_run_and_a_champion(finished_project, capsys):
     assert record_run.main([]) == 0
     record = json.loads(finished_project.run_record.read_text())
@@ -67,9 +89,11 @@ def test_dvc_repro_alone_gets_its_own_run_and_a_champion(finished_project, capsy
     assert "better by $360 [$360, $360] over 12 items: shown at 95%" in capsys.readouterr().out
     run = client_of(finished_project).get_run(record["run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["started_by"] == "dvc repro"
-    assert run.data.metrics["eval.adapter.avg_error"] == 40.0 and run.data.tags["data.test_sha256"] == "c" * 64
+    assert run.data.metrics["eval/adapter.avg_error"] == 40.0 and run.data.tags["data.test_sha256"] == "c" * 64
     assert run.data.tags["lib.torch"] and run.data.tags["promotion.alias"] == "champion"
-    assert [m.value for m in client_of(finished_project).get_metric_history(record["run_id"], "val_loss")] == [2.7]
+    assert [m.value for m in client_of(finished_project).get_metric_history(record["run_id"], "curves/val_loss")] == [
+        2.7
+    ]
 
 
 def test_the_decision_is_in_the_record_the_tags_the_version_and_the_runs_model_card(finished_project):
@@ -107,13 +131,13 @@ def test_the_flows_run_is_adopted_and_left_open(finished_project, monkeypatch):
     client = client_of(finished_project)
     experiment = client.create_experiment("qlora-price")
     flow_run = client.create_run(experiment, tags={"started_by": "prefect"})
-    client.log_metric(flow_run.info.run_id, "val_loss", 2.9, step=4)  # streamed live by train_qlora
+    client.log_metric(flow_run.info.run_id, "curves/val_loss", 2.9, step=4)  # streamed live by train_qlora
     monkeypatch.setenv("MLFLOW_RUN_ID", flow_run.info.run_id)
     assert record_run.main([]) == 0
     assert json.loads(finished_project.run_record.read_text())["run_id"] == flow_run.info.run_id
     run = client.get_run(flow_run.info.run_id)
     assert run.info.status == "RUNNING"  # the flow ends it after adding stage times
-    assert [m.value for m in client.get_metric_history(flow_run.info.run_id, "val_loss")] == [2.9]  # not twice
+    assert [m.value for m in client.get_metric_history(flow_run.info.run_id, "curves/val_loss")] == [2.9]  # not twice
     assert len(client.search_runs([experiment])) == 1
 
 

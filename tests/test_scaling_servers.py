@@ -110,8 +110,8 @@ def test_mlflow_server_holds_the_run_its_artifacts_and_the_registry(worker_run, 
     assert mlflow_run.info.status == "FINISHED" and mlflow_run.info.artifact_uri.startswith("mlflow-artifacts:/")
     assert data.params["lora.r"] == "4" and data.params["train.learning_rate"] == "0.003"
     evaluation = json.loads((root / "metrics" / "eval.json").read_text())
-    assert data.metrics["eval.adapter.avg_error"] == pytest.approx(evaluation["adapter"]["avg_error"])
-    history = client.get_metric_history(run_id, "val_loss")
+    assert data.metrics["eval/adapter.avg_error"] == pytest.approx(evaluation["adapter"]["avg_error"])
+    history = client.get_metric_history(run_id, "curves/val_loss")
     assert len(history) >= 2 and all(point.timestamp > 0 for point in history)  # streamed live by train_qlora
 
     adapter = (root / "models" / "adapter" / "adapter_model.safetensors").read_bytes()

@@ -485,6 +485,15 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ConfigError(f"{path}: {exc}") from exc
 
 
+def params_by_key(params: Params) -> dict[str, object]:
+    """{"section.key": value} of every section, values as params.yaml holds them (lists stay lists)."""
+    return {
+        f"{section.name}.{key}": value
+        for section in dataclasses.fields(params)
+        for key, value in dataclasses.asdict(getattr(params, section.name)).items()
+    }
+
+
 def flatten(params: Params) -> dict[str, object]:
     """Flatten params into {"section.key": value} for MLflow (lists joined by commas); sections a stage was
     not handed are left out."""

@@ -21,8 +21,9 @@ import yaml
 from stages.common.config import Params, flatten
 from stages.common.io import read_json
 from stages.common.paths import Paths
+from stages.tracking.names import adapter_test_metrics, curve
 from stages.tracking.registry import PER_ITEM_ARTIFACT, PER_ITEM_TAG, TEST_HASH_TAG, champion_run
-from stages.tracking.store import client_for, is_server, store_root
+from stages.tracking.store import client_for, is_server, shown_uri, store_root
 
 MAX_PARAM_LENGTH = 250  # MLflow rejects longer parameter values
 METRIC_FILES = (Paths.data_metrics, Paths.token_metrics, Paths.train_metrics, Paths.eval_metrics)
@@ -30,6 +31,16 @@ CHARTS = (Paths.token_histogram, Paths.loss_chart, Paths.scatter_chart)
 # What a run records besides metrics and charts: the loss curve, the adapter, the predictions, the export.
 RECORDED = (Paths.loss_plot, Paths.adapter, Paths.predictions, Paths.export)
 LOSS_COLUMNS = ("train_loss", "val_loss", "learning_rate", "grad_norm", "tokens_seen")
+# What a run's Source column says, by how the run started (record_run's `started_by`).
+SOURCES = {
+    "prefect": "flows/retrain.py (Prefect flow retrain)",
+    "sweep": "flows/sweep.py (Prefect flow sweep)",
+    "dvc repro": "dvc.yaml (dvc repro)",
+    "dvc exp run": "dvc.yaml (dvc exp run)",
+}
+# The experiment kind MLflow 3's UI opens as a model-training experiment (runs table, charts, compare), not as a
+# GenAI one (traces, evaluation runs, judges).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "trl", "datasets", "dvc", "mlflow", "prefect")
 
 
@@ -46,7 +57,8 @@ def numeric_leaves(data: dict, prefix: str = "") -> dict[str, float]:
 
 
 def git_tags(root: Path) -> dict[str, str]:
-    """The commit the workspace is at and whether it has uncommitted changes ("unknown" outside git)."""
+    """The commit the workspace is at and whether it has uncommitted changes ("unknown" outside git), as the
+    project's own tags and as MLflow's standard source tags (the UI's Source column links the commit)."""
 
     def git(*args: str) -> str:
         done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=False)
@@ -54,7 +66,21 @@ def git_tags(root: Path) -> dict[str, str]:
 
     commit = git("rev-parse", "HEAD") or "unknown"
     dirty = git("status", "--porcelain", "--untracked-files=no")
-    return {"git.commit": commit, "git.dirty": str(bool(dirty)).lower()}
+    tags = {"git.commit": commit, "git.dirty": str(bool(dirty)).lower(), "mlflow.source.git.commit": commit}
+    branch, remote = git("rev-parse", "--abbrev-ref", "HEAD"), git("remote", "get-url", "origin")
+    if branch and branch != "HEAD":
+        tags["mlflow.source.git.branch"] = branch
+    if remote:
+        tags["mlflow.source.git.repoURL"] = shown_uri(remote)  # a token in an https remote stays out
+    return tags
+
+
+def source_tags(started_by: str) -> dict[str, str]:
+    """MLflow's standard tags for who ran what: the UI's User and Source columns."""
+    import getpass
+
+    return {"mlflow.source.type": "LOCAL", "mlflow.source.name": SOURCES.get(started_by, started_by),
+            "mlflow.user": getpass.getuser()}  # fmt: skip
 
 
 def dvc_lock_tags(root: Path) -> dict[str, str]:
@@ -102,13 +128,13 @@ def log_metrics(client, run_id: str, values: dict[str, float]) -> None:
 
 
 def log_step_metrics(client, run_id: str, series: dict[str, list[tuple[int, float]]]) -> None:
-    """Log per-step series, skipping any the run already has (streamed live by train_qlora)."""
+    """Log per-step series as curves/<column>, skipping any the run already has (streamed live by train_qlora)."""
     from mlflow.entities import Metric
 
     metrics = [
-        Metric(key=name, value=value, timestamp=0, step=step)
+        Metric(key=curve(name), value=value, timestamp=0, step=step)
         for name, points in series.items()
-        if points and not client.get_metric_history(run_id, name)
+        if points and not client.get_metric_history(run_id, curve(name))
         for step, value in points
     ]
     log_in_batches(client, run_id, metrics)
@@ -120,11 +146,14 @@ def experiment_id(client, paths: Paths, name: str) -> str:
     says); a store opened directly gets <project>/mlartifacts/ rather than a folder under the cwd."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        if not any(key in experiment.tags for key in EXPERIMENT_KIND):  # made before the kind was set
+            for key, value in EXPERIMENT_KIND.items():
+                client.set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
     if is_server(client.tracking_uri):
-        return client.create_experiment(name)
+        return client.create_experiment(name, tags=EXPERIMENT_KIND)
     artifacts = store_root(paths) / paths.mlflow_artifacts.name
-    return client.create_experiment(name, artifact_location=artifacts.as_uri())
+    return client.create_experiment(name, artifact_location=artifacts.as_uri(), tags=EXPERIMENT_KIND)
 
 
 def library_tags() -> dict[str, str]:
@@ -155,8 +184,7 @@ def champion_metrics(paths: Paths, params: Params) -> dict[str, float] | None:
     if run.data.tags.get(TEST_HASH_TAG) != test_set_hash(paths):
         print(f"champion (version {version.version}) was scored on another test set; not compared")
         return None
-    prefix = "eval.adapter."
-    return {key.removeprefix(prefix): value for key, value in run.data.metrics.items() if key.startswith(prefix)}
+    return adapter_test_metrics(run.data.metrics)
 
 
 def start_pipeline_run(
@@ -165,7 +193,13 @@ def start_pipeline_run(
     """Open an MLflow run for one pipeline execution, tagged with how it started (and `tags`); return its id.
     Stages log into it while they run when its id is in $MLFLOW_RUN_ID."""
     client = client_for(paths, params)
-    tags = {"started_by": started_by, **git_tags(paths.root), **library_tags(), **(tags or {})}
+    tags = {
+        "started_by": started_by,
+        **source_tags(started_by),
+        **git_tags(paths.root),
+        **library_tags(),
+        **(tags or {}),
+    }
     run = client.create_run(experiment_id(client, paths, params.tracking.experiment), run_name=run_name, tags=tags)
     return run.info.run_id
 
@@ -197,6 +231,32 @@ def record_pipeline_run(
     return run_id
 
 
+def log_splits(client, run_id: str, paths: Paths, source: str) -> None:
+    """The train/val/test splits as the run's MLflow dataset inputs (the UI's Dataset column): named after the
+    data source, with the split as context, their sha256 (from metrics/data.json) as digest and row counts."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    if not paths.data_metrics.is_file():
+        return
+    data = read_json(paths.data_metrics)
+    origin = Path(source.split(":", 1)[-1]).stem
+    inputs = [
+        DatasetInput(
+            Dataset(
+                name=f"{origin}-{split}",
+                digest=data[split]["sha256"][:16],
+                source_type="local",
+                source=json.dumps({"uri": paths.split(split).relative_to(paths.root).as_posix(), "origin": source}),
+                profile=json.dumps({"num_rows": data[split].get("n")}),
+            ),
+            tags=[InputTag("mlflow.data.context", split)],
+        )
+        for split in ("train", "val", "test")
+        if split in data
+    ]
+    client.log_inputs(run_id, datasets=inputs)
+
+
 def params_sections(params: Params) -> dict:
     """The params sections this run was handed, as params.yaml holds them (the full text of every value that
     the flattened MLflow params may cut at 250 characters)."""
@@ -224,9 +284,10 @@ def log_execution(client, run_id: str, paths: Paths, params: Params, extra_metri
     for location in METRIC_FILES:
         path = location.at(paths)
         if path.is_file():
-            values.update(numeric_leaves(read_json(path), f"{path.stem}."))
+            values.update(numeric_leaves(read_json(path), f"{path.stem}/"))
     log_metrics(client, run_id, values)
     log_step_metrics(client, run_id, loss_history(paths.loss_plot))
+    log_splits(client, run_id, paths, params.data.source)
     client.log_text(run_id, yaml.safe_dump(params_sections(params), sort_keys=False), "params.yaml")
     if paths.adapter.is_dir():
         client.log_artifacts(run_id, str(paths.adapter), "adapter")

@@ -27,6 +27,7 @@ from transformers import ProgressCallback, TrainerCallback
 
 from stages.common.errors import StageError
 from stages.common.labels import IGNORE_INDEX
+from stages.tracking.names import curve
 from stages.tracking.store import QUICK_HTTP_SETTINGS, is_server, shown_uri, without_password
 
 RUN_ID_VARIABLE = "MLFLOW_RUN_ID"  # set by whoever owns the MLflow run (the flow); the stage only logs to it
@@ -117,7 +118,7 @@ class MlflowStream:
 
             now = int(time.time() * 1000)
             given = {k: v for k, v in values.items() if v is not None}
-            batch = [Metric(key=k, value=float(v), timestamp=now, step=step) for k, v in given.items()]
+            batch = [Metric(key=curve(k), value=float(v), timestamp=now, step=step) for k, v in given.items()]
             client.log_batch(self.run_id, metrics=batch)
 
         self._call(log)
