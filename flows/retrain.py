@@ -45,6 +45,7 @@ from flows.workspace import (
     busy_message,
     command_line,
     describe_changes,
+    lock_committed,
     pipeline_changes,
     run_name,
     stage_environment,
@@ -297,6 +298,11 @@ def retrain_changed(paths: Paths, params: Params, changes: str, target: tuple[st
         f"\n{comparison_table(metrics)}\n\n{promotion_markdown(record)}\n"
         f"stage times (dvc repro, skips included): {timings(stage_seconds)}\n{hint}"
     )
+    if not lock_committed(paths.root):
+        print(
+            "to compare later runs, experiments and sweeps with this one (dvc metrics diff, dvc exp show, make "
+            "sweep), commit it: git add dvc.lock && git commit -m 'pipeline results'"
+        )
     shared = share_outputs(paths, params, target)
     shared.publish(trained_report(metrics, record, data, changes, hint, stage_seconds), "retrained")
     return {

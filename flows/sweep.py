@@ -37,7 +37,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.retrain import mlflow_hint, run_settings
-from flows.workspace import PROJECT_ROOT, stage_environment, workspace_lock
+from flows.workspace import PROJECT_ROOT, lock_committed, stage_environment, workspace_lock
 from stages.common.config import Params, load_params
 from stages.common.errors import ConfigError, StageError
 from stages.common.io import write_json, write_text
@@ -77,23 +77,6 @@ def require_commit(root: Path) -> None:
             f"{root}: a sweep runs its trials as DVC experiments, which start from a git commit; commit the "
             "project first (`git add -A && git commit -m baseline`)"
         )
-
-
-def uncommitted_lock(root: Path) -> str | None:
-    """A warning when dvc.lock exists but is not committed: trials start from the commit, so without it every
-    trial re-runs every stage (base model, split, tokenization) instead of taking their outputs from DVC's
-    cache."""
-    if not (root / "dvc.lock").is_file():
-        return None
-    tracked = subprocess.run(
-        ["git", "ls-files", "--error-unmatch", "dvc.lock"], cwd=root, capture_output=True, check=False
-    )
-    if tracked.returncode == 0:
-        return None
-    return (
-        "dvc.lock is not committed, so every trial re-runs every stage from scratch; commit it "
-        "(`git add dvc.lock && git commit -m 'pipeline results'`) and trials reuse the outputs it names"
-    )
 
 
 def copy_paths(paths: Paths, params: Params) -> list[str]:
@@ -271,8 +254,11 @@ def sweep(project_dir: str = str(PROJECT_ROOT), jobs: int | None = None) -> dict
         parent = start_parent_run(client, paths, params, sweep_id, trials, jobs)
         env = trial_environment(sweep_id, parent, trials, uri, jobs)
         print(f"{sweep_id}: {len(trials)} trials, {jobs} at a time, {env['OMP_NUM_THREADS']} thread(s) each")
-        if uncommitted_lock(paths.root):
-            print(f"note: {uncommitted_lock(paths.root)}")
+        if not lock_committed(paths.root):
+            print(
+                "note: dvc.lock is not committed, so every trial re-runs every stage from scratch; commit it "
+                "(`git add dvc.lock && git commit -m 'pipeline results'`) and trials reuse the outputs it names"
+            )
         started = time.monotonic()
         try:
             for trial in trials:

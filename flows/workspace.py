@@ -152,6 +152,14 @@ class StatusAhead:
         self.process.communicate()
 
 
+def lock_committed(root: Path) -> bool:
+    """Whether dvc.lock is absent or committed: experiments and `dvc metrics diff` compare against a commit's."""
+    if not (root / "dvc.lock").is_file():
+        return True
+    command = ["git", "ls-files", "--error-unmatch", "dvc.lock"]
+    return subprocess.run(command, cwd=root, capture_output=True, check=False).returncode == 0
+
+
 def recorded_params(root: Path) -> dict[str, object] | None:
     """{"section.key": value} of the params dvc.lock recorded for the last run (None without dvc.lock)."""
     import yaml

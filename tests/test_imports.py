@@ -1,4 +1,4 @@
-"""Every module in stages/, serving/, flows/ and bench/ imports; importing a stage pulls in no torch or prefect."""
+"""Every module in stages/, serving/, sweeps/, flows/ and bench/ imports; importing a stage pulls in no torch or prefect."""
 
 import importlib
 import pkgutil
@@ -12,8 +12,9 @@ import bench
 import flows
 import serving
 import stages
+import sweeps
 
-PACKAGES = (stages, serving, flows, bench)
+PACKAGES = (stages, serving, sweeps, flows, bench)
 FOUND = [
     (name, is_package)
     for package in PACKAGES
