@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import yaml
 from prefect import flow, task
@@ -46,7 +46,7 @@ from stages.common.paths import Paths
 from stages.common.report import promotion_markdown
 from stages.record_run import rescorer
 from stages.tracking.gate import Gate
-from stages.tracking.names import SWEEP, TIMING, adapter_test_metrics, metric_name
+from stages.tracking.names import ADAPTER_TEST_METRICS, SWEEP, TIMING, adapter_test_metrics, metric_name
 from stages.tracking.registry import (
     TEST_HASH_TAG,
     adapter_sha256,
@@ -203,11 +203,20 @@ def register_others(client, params: Params, outcomes: list[Outcome], best: Outco
     return made
 
 
-def compare_link(uri: str, experiment: str, run_ids: list[str]) -> str:
-    """The MLflow UI's compare view of the trials (parallel coordinates of params against the metric)."""
+def ui_links(uri: str, experiment: str, sweep_id: str, run_ids: list[str], metric: str, ascending: bool) -> str:
+    """The saved comparison: links to the MLflow UI's runs table holding only this sweep's runs, sorted by the
+    primary metric, and to its compare view of the trials (the swept params against the metric)."""
     base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
+    table = urlencode({
+        "searchFilter": f"tags.`sweep.id` = '{sweep_id}'",
+        "orderByKey": f"metrics.`{ADAPTER_TEST_METRICS}{metric}`",
+        "orderByAsc": str(ascending).lower(),
+    }, quote_via=quote)  # fmt: skip
     runs, experiments = quote(json.dumps(run_ids)), quote(json.dumps([experiment]))
-    return f"{base}/#/compare-runs?runs={runs}&experiments={experiments}"
+    return (
+        f"The trials in the MLflow UI, best first: {base}/#/experiments/{experiment}/runs?{table}\n\n"
+        f"Compared (the swept params against {metric}): {base}/#/compare-runs?runs={runs}&experiments={experiments}"
+    )
 
 
 def closing_section(decision: dict | None, registered: list[str], wall: float, jobs: int, where: str) -> str:
@@ -289,8 +298,9 @@ def conclude(client, paths: Paths, params: Params, parent: str, trials, watch: W
         register_others(client, params, outcomes, best, sweep_id) if best and params.sweep.register == "all" else []
     )
     uri = shown_uri(env["MLFLOW_TRACKING_URI"])
-    link = compare_link(uri, experiment, [o.run_id for o in outcomes if o.run_id])
-    where = f"{mlflow_hint(uri, parent, experiment)}\n\nCompare the trials in the MLflow UI: {link}"
+    run_ids = [o.run_id for o in outcomes if o.run_id]
+    links = ui_links(uri, experiment, sweep_id, run_ids, gate.metric, not gate.greater_is_better)
+    where = f"{mlflow_hint(uri, parent, experiment)}\n\n{links}"
     closing = closing_section(decision, registered, wall, jobs, where)
     markdown = report_markdown(sweep_id, outcomes, gate, params.data.shape, closing)
     folder = publish(client, paths, parent, sweep_id, markdown, outcomes, gate)
