@@ -28,8 +28,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
-from urllib.parse import quote, urlencode
 
 import yaml
 from prefect import flow, task
@@ -203,20 +203,54 @@ def register_others(client, params: Params, outcomes: list[Outcome], best: Outco
     return made
 
 
-def ui_links(uri: str, experiment: str, sweep_id: str, run_ids: list[str], metric: str, ascending: bool) -> str:
-    """The saved comparison: links to the MLflow UI's runs table holding only this sweep's runs, sorted by the
-    primary metric, and to its compare view of the trials (the swept params against the metric)."""
-    base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
-    table = urlencode({
+SHARED_VIEW_TAG = "mlflow.sharedViewState."  # + key: a view of the runs page the MLflow UI restores from the store
+
+
+def chart(kind: str, section: str, title: str, **fields) -> dict:
+    """One chart card of the MLflow UI's runs page, as its shared view state holds it."""
+    card = {"uuid": str(uuid.uuid4()), "type": kind, "metricSectionId": section, "displayName": title}
+    return {**card, "runsCountToCompare": 100, "deleted": False, "isGenerated": False, **fields}
+
+
+def saved_view(sweep_id: str, swept: tuple[str, ...], metric: str, ascending: bool) -> dict:
+    """The sweep's comparison as a view of MLflow's runs page: only this sweep's runs, sorted by the primary
+    metric, with a parallel-coordinates chart of the swept params against it and one scatter chart per key."""
+    key = f"{ADAPTER_TEST_METRICS}{metric}"
+    section = str(uuid.uuid4())
+    charts = [chart("PARALLEL", section, f"{metric} against the swept params", selectedParams=list(swept),
+                    selectedMetrics=[key], showAllRuns=False)]  # fmt: skip
+    charts += [
+        chart("SCATTER", section, f"{metric} against {name}", xaxis={"key": name, "type": "PARAM"},
+              yaxis={"key": key, "type": "METRIC"})
+        for name in swept
+    ]  # fmt: skip
+    return {
         "searchFilter": f"tags.`sweep.id` = '{sweep_id}'",
-        "orderByKey": f"metrics.`{ADAPTER_TEST_METRICS}{metric}`",
-        "orderByAsc": str(ascending).lower(),
-    }, quote_via=quote)  # fmt: skip
-    runs, experiments = quote(json.dumps(run_ids)), quote(json.dumps([experiment]))
-    return (
-        f"The trials in the MLflow UI, best first: {base}/#/experiments/{experiment}/runs?{table}\n\n"
-        f"Compared (the swept params against {metric}): {base}/#/compare-runs?runs={runs}&experiments={experiments}"
+        "orderByKey": f"metrics.`{key}`",
+        "orderByAsc": ascending,
+        "compareRunCharts": charts,
+        "compareRunSections": [
+            {
+                "uuid": section,
+                "name": sweep_id,
+                "display": True,
+                "isReordered": False,
+                "deleted": False,
+                "isGenerated": False,
+            }
+        ],
+        "isAccordionReordered": True,  # keeps this section first, above the sections the UI adds per prefix
+    }
+
+
+def save_view(client, uri: str, experiment: str, sweep_id: str, swept, metric: str, ascending: bool) -> str:
+    """Save the sweep's comparison in the experiment (the UI's "share view" tag); the link that opens it."""
+    client.set_experiment_tag(
+        experiment, f"{SHARED_VIEW_TAG}{sweep_id}", json.dumps(saved_view(sweep_id, swept, metric, ascending))
     )
+    base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
+    query = f"viewStateShareKey={sweep_id}&compareRunsMode=CHART&workflowType=machine_learning"  # charts, ML view
+    return f"{base}/#/experiments/{experiment}/runs?{query}"
 
 
 def closing_section(decision: dict | None, registered: list[str], wall: float, jobs: int, where: str) -> str:
@@ -298,9 +332,9 @@ def conclude(client, paths: Paths, params: Params, parent: str, trials, watch: W
         register_others(client, params, outcomes, best, sweep_id) if best and params.sweep.register == "all" else []
     )
     uri = shown_uri(env["MLFLOW_TRACKING_URI"])
-    run_ids = [o.run_id for o in outcomes if o.run_id]
-    links = ui_links(uri, experiment, sweep_id, run_ids, gate.metric, not gate.greater_is_better)
-    where = f"{mlflow_hint(uri, parent, experiment)}\n\n{links}"
+    view = save_view(client, uri, experiment, sweep_id, trials[0].swept, gate.metric, not gate.greater_is_better)
+    saved = f"The comparison, saved in the experiment ({gate.metric} against the swept params): {view}"
+    where = f"{mlflow_hint(uri, parent, experiment)}\n\n{saved}"
     closing = closing_section(decision, registered, wall, jobs, where)
     markdown = report_markdown(sweep_id, outcomes, gate, params.data.shape, closing)
     folder = publish(client, paths, parent, sweep_id, markdown, outcomes, gate)

@@ -67,6 +67,11 @@ def test_a_two_by_two_sweep_runs_as_four_experiments_and_gates_once(workspace_co
         v for c in children if c is not best for v in client.search_model_versions(f"run_id = '{c.info.run_id}'")
     ]
     assert parent.data.tags["promotion.best_trial"] == best.data.tags["dvc.exp_name"]
+    experiment = client.get_experiment(parent.info.experiment_id)
+    view = json.loads(experiment.tags[f"mlflow.sharedViewState.{sweep_id}"])  # the saved comparison
+    assert view["searchFilter"] == f"tags.`sweep.id` = '{sweep_id}'" and view["orderByAsc"] is True
+    assert [c["type"] for c in view["compareRunCharts"]] == ["PARALLEL", "SCATTER", "SCATTER"]
+    assert view["compareRunCharts"][0]["selectedParams"] == ["train.learning_rate", "lora.r"]
 
     trials = json.loads((folder / "trials.json").read_text())
     starts = sorted(t["started"] for t in trials)
