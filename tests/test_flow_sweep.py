@@ -14,10 +14,11 @@ from tests.flow_workspace import dvc, latest_report, run, set_param
 FEW_STEPS = {"train.max_steps": 4}
 
 
-def sweep(root: Path, env: dict, grid: dict, jobs: int = 2):
+def sweep(root: Path, env: dict, grid: dict, register: str = "best"):
     set_param(root, "sweep", "grid", grid)
     set_param(root, "sweep", "fixed", FEW_STEPS)
-    set_param(root, "sweep", "jobs", jobs)
+    set_param(root, "sweep", "jobs", 2)
+    set_param(root, "sweep", "register", register)
     return run([sys.executable, "-m", "flows.sweep", "--project-dir", str(root)], root, env, check=False)
 
 
@@ -40,7 +41,7 @@ def report_folder(root: Path) -> Path:
 def test_a_two_by_two_sweep_runs_as_four_experiments_and_gates_once(workspace_copy):
     root, env = workspace_copy
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    done = sweep(root, env, {"train.learning_rate": [3.0e-3, 1.0e-2], "lora.r": [4, 8]})
+    done = sweep(root, env, {"train.learning_rate": [3.0e-3, 1.0e-2], "lora.r": [4, 8]}, register="all")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     folder = report_folder(root)
     sweep_id = folder.name
@@ -61,11 +62,13 @@ def test_a_two_by_two_sweep_runs_as_four_experiments_and_gates_once(workspace_co
     assert len(children) == 4 and {c.data.tags["dvc.exp_name"] for c in children} == set(names)
     assert all(c.info.run_name.startswith(c.data.tags["dvc.exp_name"] + " learning_rate=") for c in children)
     best = min(children, key=lambda c: c.data.metrics["eval/adapter.avg_error"])
-    made = client.search_model_versions(f"run_id = '{best.info.run_id}'")
-    assert len(made) == 1  # the gate ran once, on the best trial; the others registered nothing
-    assert not [
-        v for c in children if c is not best for v in client.search_model_versions(f"run_id = '{c.info.run_id}'")
-    ]
+    versions = {c.info.run_id: client.search_model_versions(f"run_id = '{c.info.run_id}'") for c in children}
+    assert all(len(found) == 1 for found in versions.values())  # register: all gives every trial a version
+    gated = [found[0].run_id for found in versions.values() if "promotion.alias" in found[0].tags]
+    assert gated == [best.info.run_id]  # the gate ran once, on the best trial
+    numbers = [found[0].version for found in versions.values()]
+    aliased = [n for n in numbers if client.get_model_version("qlora-price-adapter", n).aliases]
+    assert len(aliased) == 1  # the best, as champion or challenger; the others hold none
     assert parent.data.tags["promotion.best_trial"] == best.data.tags["dvc.exp_name"]
     experiment = client.get_experiment(parent.info.experiment_id)
     view = json.loads(experiment.tags[f"mlflow.sharedViewState.{sweep_id}"])  # the saved comparison

@@ -1,4 +1,4 @@
-"""Every module in stages/, serving/, sweeps/, flows/ and bench/ imports; importing a stage pulls in no torch or prefect."""
+"""Every module in stages/, serving/, sweeps/, flows/ and bench/ imports; a stage imports no torch or prefect."""
 
 import importlib
 import pkgutil
