@@ -23,12 +23,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import yaml
@@ -43,23 +40,22 @@ from stages.common.errors import ConfigError, StageError
 from stages.common.io import write_json, write_text
 from stages.common.modeling import cores
 from stages.common.paths import Paths
-from stages.common.report import promotion_markdown
-from stages.record_run import rescorer
 from stages.tracking.gate import Gate
-from stages.tracking.names import ADAPTER_TEST_METRICS, SWEEP, TIMING, adapter_test_metrics, metric_name
-from stages.tracking.registry import (
-    TEST_HASH_TAG,
-    adapter_sha256,
-    create_version,
-    find_version,
-    logged_rows,
-    register_adapter,
-)
-from stages.tracking.runs import experiment_id, git_tags, log_metrics, source_tags
+from stages.tracking.names import SWEEP, TIMING, metric_name
+from stages.tracking.runs import log_metrics
 from stages.tracking.store import client_for, require_server, shown_uri, tracking_uri
 from sweeps.plan import Trial, plan_trials
-from sweeps.queue import FAILED, SUCCESS, Watch, queue_states, queue_trial, require_idle_queue, stop_trials, trial_log
-from sweeps.report import Outcome, ranked, report_markdown, sweep_chart
+from sweeps.queue import (
+    SUCCESS,
+    Watch,
+    queue_states,
+    queue_trial,
+    require_idle_queue,
+    start_workers,
+    stop_trials,
+)
+from sweeps.report import closing_section, ranked, report_markdown, sweep_chart
+from sweeps.tracking import gate_best, outcomes_of, register_others, save_view, start_parent_run
 
 REPORT_KEY = "sweep-report"
 
@@ -106,24 +102,6 @@ def trial_environment(sweep_id: str, parent_run_id: str, trials: list[Trial], ur
     return env
 
 
-def start_parent_run(client, paths: Paths, params: Params, sweep_id: str, trials: list[Trial], jobs: int) -> str:
-    """The sweep's MLflow run, which its trials' runs are children of: what was swept, how, on which commit."""
-    keys = ", ".join(key.rsplit(".", 1)[-1] for key in trials[0].swept)
-    run = client.create_run(
-        experiment_id(client, paths, params.tracking.experiment),
-        run_name=f"{sweep_id}: {keys}",
-        tags={"started_by": "sweep", "sweep.id": sweep_id, "sweep.keys": ",".join(trials[0].swept),
-              **source_tags("sweep"), **git_tags(paths.root)},
-    )  # fmt: skip
-    sweep = params.sweep
-    for key, value in {
-        "sweep.method": sweep.method, "sweep.grid": json.dumps(sweep.grid), "sweep.fixed": json.dumps(sweep.fixed),
-        "sweep.seeds": json.dumps(sweep.seeds), "sweep.jobs": jobs, "sweep.trials": len(trials),
-    }.items():  # fmt: skip
-        client.log_param(run.info.run_id, key, str(value)[:250])
-    return run.info.run_id
-
-
 @task(cache_policy=NO_CACHE, persist_result=False, task_run_name="queue {trial.name}")
 def queue_one(root: str, env: dict, trial: Trial, copies: list[str]) -> None:
     print(f"queued {trial.name}: {trial.label()}")
@@ -133,134 +111,10 @@ def queue_one(root: str, env: dict, trial: Trial, copies: list[str]) -> None:
 @task(cache_policy=NO_CACHE, persist_result=False, task_run_name="run {n} trials, {jobs} at a time")
 def run_queue(root: str, env: dict, names: list[str], jobs: int, n: int) -> Watch:
     """Start the workers and wait for every trial; the watch holds their states and times."""
-    from sweeps.queue import dvc
-
-    dvc(Path(root), env, "queue", "start", "--jobs", str(jobs))
+    start_workers(Path(root), env, jobs)
     watch = Watch(names)
     watch.until_done(lambda: queue_states(Path(root), env), print)
     return watch
-
-
-def outcomes_of(client, experiment: str, sweep_id: str, trials: list[Trial], watch: Watch, root: Path, env) -> list:
-    """Each trial's state, time, child run and test metrics; a failed one with its last lines of output."""
-    runs = {
-        run.data.tags.get("dvc.exp_name"): run
-        for run in client.search_runs([experiment], filter_string=f"tags.`sweep.id` = '{sweep_id}'")
-    }
-    outcomes = []
-    for trial in trials:
-        state, run = watch.states.get(trial.name, FAILED), runs.get(trial.name)
-        timing = (watch.seconds(trial.name), watch.offset(trial.name))
-        if state == SUCCESS and run is None:
-            outcomes.append(Outcome(trial, FAILED, *timing, failure="the trial left no MLflow run"))
-        elif state != SUCCESS:
-            failure = trial_log(root, env, trial.name)
-            outcomes.append(Outcome(trial, state, *timing, run.info.run_id if run else None, failure=failure))
-        else:
-            outcomes.append(Outcome(trial, state, *timing, run.info.run_id, adapter_test_metrics(run.data.metrics)))
-    return outcomes
-
-
-def downloaded_adapter(client, run_id: str, folder: str) -> Path:
-    return Path(client.download_artifacts(run_id, "adapter", folder))
-
-
-def logged_model(client, run):
-    return client.get_logged_model(run.data.tags["model.uri"].removeprefix("models:/"))
-
-
-def gate_best(client, paths: Paths, params: Params, best: Outcome) -> dict:
-    """Register the best trial's adapter and apply the promotion gate to it, as a retrain would: the record
-    promotion_markdown reads."""
-    run = client.get_run(best.run_id)
-    with tempfile.TemporaryDirectory(prefix="sweep-best-") as folder:
-        decision = register_adapter(
-            client, params.tracking, best.run_id, downloaded_adapter(client, best.run_id, folder),
-            run.data.params.get("data.shape", "price"), logged_rows(client, run) or [],
-            run.data.tags.get(TEST_HASH_TAG), rescorer(params, paths, client), logged_model(client, run),
-        )  # fmt: skip
-    return {"registered_model": params.tracking.registered_model, **decision}
-
-
-def register_others(client, params: Params, outcomes: list[Outcome], best: Outcome, sweep_id: str) -> list[str]:
-    """`sweep.register: all`: a version without an alias for every other successful trial; the versions made."""
-    made = []
-    name = params.tracking.registered_model
-    for outcome in outcomes:
-        if outcome is best or outcome.state != SUCCESS:
-            continue
-        run = client.get_run(outcome.run_id)
-        with tempfile.TemporaryDirectory(prefix="sweep-trial-") as folder:
-            sha256 = adapter_sha256(downloaded_adapter(client, outcome.run_id, folder))
-        if find_version(client, name, sha256) is not None:
-            continue
-        reason = f"trial {outcome.trial.name} of {sweep_id} ({outcome.trial.label()}); not the best, not gated"
-        version = create_version(
-            client, name, outcome.run_id, sha256, run.data.tags.get(TEST_HASH_TAG), logged_model(client, run),
-            {"sweep.id": sweep_id}, reason,
-        )  # fmt: skip
-        made.append(str(version.version))
-    return made
-
-
-SHARED_VIEW_TAG = "mlflow.sharedViewState."  # + key: a view of the runs page the MLflow UI restores from the store
-
-
-def chart(kind: str, section: str, title: str, **fields) -> dict:
-    """One chart card of the MLflow UI's runs page, as its shared view state holds it."""
-    card = {"uuid": str(uuid.uuid4()), "type": kind, "metricSectionId": section, "displayName": title}
-    return {**card, "runsCountToCompare": 100, "deleted": False, "isGenerated": False, **fields}
-
-
-def saved_view(sweep_id: str, swept: tuple[str, ...], metric: str, ascending: bool) -> dict:
-    """The sweep's comparison as a view of MLflow's runs page: only this sweep's runs, sorted by the primary
-    metric, with a parallel-coordinates chart of the swept params against it and one scatter chart per key."""
-    key = f"{ADAPTER_TEST_METRICS}{metric}"
-    section = str(uuid.uuid4())
-    charts = [chart("PARALLEL", section, f"{metric} against the swept params", selectedParams=list(swept),
-                    selectedMetrics=[key], showAllRuns=False)]  # fmt: skip
-    charts += [
-        chart("SCATTER", section, f"{metric} against {name}", xaxis={"key": name, "type": "PARAM"},
-              yaxis={"key": key, "type": "METRIC"})
-        for name in swept
-    ]  # fmt: skip
-    return {
-        "searchFilter": f"tags.`sweep.id` = '{sweep_id}'",
-        "orderByKey": f"metrics.`{key}`",
-        "orderByAsc": ascending,
-        "compareRunCharts": charts,
-        "compareRunSections": [
-            {
-                "uuid": section,
-                "name": sweep_id,
-                "display": True,
-                "isReordered": False,
-                "deleted": False,
-                "isGenerated": False,
-            }
-        ],
-        "isAccordionReordered": True,  # keeps this section first, above the sections the UI adds per prefix
-    }
-
-
-def save_view(client, uri: str, experiment: str, sweep_id: str, swept, metric: str, ascending: bool) -> str:
-    """Save the sweep's comparison in the experiment (the UI's "share view" tag); the link that opens it."""
-    client.set_experiment_tag(
-        experiment, f"{SHARED_VIEW_TAG}{sweep_id}", json.dumps(saved_view(sweep_id, swept, metric, ascending))
-    )
-    base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
-    query = f"viewStateShareKey={sweep_id}&compareRunsMode=CHART&workflowType=machine_learning"  # charts, ML view
-    return f"{base}/#/experiments/{experiment}/runs?{query}"
-
-
-def closing_section(decision: dict | None, registered: list[str], wall: float, jobs: int, where: str) -> str:
-    """The report's end: the gate's decision, other versions registered, the wall time and where the runs are."""
-    gate = promotion_markdown(decision) if decision else "No trial succeeded: nothing was registered or gated."
-    others = f"\n\nOther trials registered without an alias: versions {', '.join(registered)}." if registered else ""
-    return (
-        f"## Promotion (the gate, once for the sweep's best trial)\n\n{gate}{others}\n\n"
-        f"## Where\n\nWall time {wall / 60:.1f} min with {jobs} job(s) side by side. {where}\n"
-    )
 
 
 def publish(client, paths: Paths, parent_run_id: str, sweep_id: str, markdown: str, outcomes, gate: Gate) -> Path:
@@ -323,11 +177,7 @@ def conclude(client, paths: Paths, params: Params, parent: str, trials, watch: W
     gate = Gate.from_params(params.tracking, params.data.shape)
     scored = [o for o in ranked(outcomes, gate) if o.value(gate.metric) is not None]
     best = scored[0] if scored else None
-    decision = gate_best(client, paths, params, best) if best else None
-    if decision:
-        tags = {"best_trial": best.trial.name, "version": decision["version"], "alias": decision["alias"] or "none"}
-        for key, value in {**tags, "reason": decision["reason"]}.items():
-            client.set_tag(parent, f"promotion.{key}", str(value))
+    decision = gate_best(client, paths, params, best, parent) if best else None
     registered = (
         register_others(client, params, outcomes, best, sweep_id) if best and params.sweep.register == "all" else []
     )

@@ -70,6 +70,11 @@ def queue_trial(root: Path, env: dict, name: str, arguments: list[str], copy_pat
     dvc(root, env, "exp", "run", "--queue", "--name", name, *arguments, *copies)
 
 
+def start_workers(root: Path, env: dict, jobs: int) -> None:
+    """`dvc queue start --jobs N`: N workers, each running one queued trial at a time, with `env`."""
+    dvc(root, env, "queue", "start", "--jobs", str(jobs))
+
+
 def trial_log(root: Path, env: dict, name: str, lines: int = 15) -> str:
     """The last lines of a trial's output (`dvc queue logs`), for a failure's report."""
     try:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from stages.common.charts import pyplot, save
 from stages.common.config import PRIMARY_METRICS
+from stages.common.report import promotion_markdown
 from stages.tracking.gate import Gate
 from sweeps.plan import Trial, yaml_value
 from sweeps.queue import SUCCESS
@@ -155,3 +156,13 @@ def sweep_chart(outcomes: list[Outcome], gate: Gate, path: Path) -> None:
     axes[0][0].set_ylabel(f"{gate.metric} on the test set ({better} is better)")
     fig.suptitle(f"{gate.metric} against each swept key ({len(outcomes)} trials)")
     save(fig, path)
+
+
+def closing_section(decision: dict | None, registered: list[str], wall: float, jobs: int, where: str) -> str:
+    """The report's end: the gate's decision, other versions registered, the wall time and where the runs are."""
+    gate = promotion_markdown(decision) if decision else "No trial succeeded: nothing was registered or gated."
+    others = f"\n\nOther trials registered without an alias: versions {', '.join(registered)}." if registered else ""
+    return (
+        f"## Promotion (the gate, once for the sweep's best trial)\n\n{gate}{others}\n\n"
+        f"## Where\n\nWall time {wall / 60:.1f} min with {jobs} job(s) side by side. {where}\n"
+    )
