@@ -122,7 +122,8 @@ def chart(kind: str, section: str, title: str, **fields) -> dict:
 
 def saved_view(sweep_id: str, swept: tuple[str, ...], metric: str, ascending: bool) -> dict:
     """The sweep's comparison as a view of MLflow's runs page: only this sweep's runs, sorted by the primary
-    metric, with a parallel-coordinates chart of the swept params against it and one scatter chart per key."""
+    metric, the swept params and the metric as table columns, and a parallel-coordinates chart of the swept
+    params against it with one scatter chart per key."""
     key = f"{ADAPTER_TEST_METRICS}{metric}"
     section = str(uuid.uuid4())
     charts = [chart("PARALLEL", section, f"{metric} against the swept params", selectedParams=list(swept),
@@ -136,6 +137,7 @@ def saved_view(sweep_id: str, swept: tuple[str, ...], metric: str, ascending: bo
         "searchFilter": f"tags.`sweep.id` = '{sweep_id}'",
         "orderByKey": f"metrics.`{key}`",
         "orderByAsc": ascending,
+        "selectedColumns": [f"params.`{name}`" for name in swept] + [f"metrics.`{key}`"],  # the table's columns
         "compareRunCharts": charts,
         "compareRunSections": [
             {

@@ -74,6 +74,7 @@ def test_a_two_by_two_sweep_runs_as_four_experiments_and_gates_once(workspace_co
     view = json.loads(experiment.tags[f"mlflow.sharedViewState.{sweep_id}"])  # the saved comparison
     assert view["searchFilter"] == f"tags.`sweep.id` = '{sweep_id}'" and view["orderByAsc"] is True
     assert [c["type"] for c in view["compareRunCharts"]] == ["PARALLEL", "SCATTER", "SCATTER"]
+    assert view["selectedColumns"][-1] == "metrics.`eval/adapter.avg_error`"
     assert view["compareRunCharts"][0]["selectedParams"] == ["train.learning_rate", "lora.r"]
 
     trials = json.loads((folder / "trials.json").read_text())
