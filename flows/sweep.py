@@ -173,7 +173,7 @@ def conclude(client, paths: Paths, params: Params, parent: str, trials, watch: W
     """After the trials: their outcomes, the gate on the best, the report, the parent run closed."""
     sweep_id = trials[0].name.rsplit("-", 1)[0]
     experiment = client.get_run(parent).info.experiment_id
-    outcomes = outcomes_of(client, experiment, sweep_id, trials, watch, paths.root, env)
+    outcomes = outcomes_of(client, experiment, parent, trials, watch, paths.root, env)
     gate = Gate.from_params(params.tracking, params.data.shape)
     scored = [o for o in ranked(outcomes, gate) if o.value(gate.metric) is not None]
     best = scored[0] if scored else None

@@ -24,23 +24,35 @@ FINISHED = (SUCCESS, FAILED)
 
 
 def dvc(root: Path, env: dict, *args: str) -> str:
-    """`dvc <args>` in `root`: its output; StageError with DVC's own message when it fails. The output goes
-    through a file, not a pipe: `dvc queue start`'s workers inherit it and outlive the command."""
-    with tempfile.TemporaryFile("w+", encoding="utf-8") as output:
-        code = subprocess.run(
-            [sys.executable, "-m", "dvc", *args],
-            cwd=root,
-            env=env,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            check=False,
-        ).returncode
+    """`dvc <args>` in `root`: its standard output; StageError with DVC's own message when it fails. The output
+    goes through files, not pipes: `dvc queue start`'s workers inherit them and outlive the command."""
+    with tempfile.TemporaryFile("w+", encoding="utf-8") as output, tempfile.TemporaryFile("w+") as errors:
+        command = [sys.executable, "-m", "dvc", *args]
+        code = subprocess.run(command, cwd=root, env=env, stdout=output, stderr=errors, check=False).returncode
         output.seek(0)
-        text = output.read()
+        errors.seek(0)
+        text, said = output.read(), errors.read()
     if code != 0:
-        lines = [line for line in text.splitlines() if line.strip()]
+        lines = [line for line in (said + text).splitlines() if line.strip()]
         raise StageError(f"`dvc {' '.join(args)}` failed: {lines[-1] if lines else f'exit {code}'}")
     return text
+
+
+def restored_record(root: Path, env: dict, name: str) -> dict | None:
+    """The run record (reports/mlflow_run.json) of experiment `name`, read from DVC's cache: for a trial whose
+    every stage DVC restored from its run cache (the same code, data and params ran before), it names the
+    MLflow run that recorded those outputs. None when there is none."""
+    import json
+
+    for row in json.loads(dvc(root, env, "exp", "show", "--json")):
+        for experiment in row.get("experiments") or []:
+            if experiment.get("name") == name:
+                out = experiment["revs"][0]["data"].get("outs", {}).get("reports/mlflow_run.json") or {}
+                digest = out.get("hash") or ""
+                cache = Path(dvc(root, env, "cache", "dir").strip())
+                path = (cache if cache.is_absolute() else root / cache) / "files" / "md5" / digest[:2] / digest[2:]
+                return json.loads(path.read_text(encoding="utf-8")) if digest and path.is_file() else None
+    return None
 
 
 def queue_states(root: Path, env: dict) -> dict[str, str]:

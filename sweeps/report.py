@@ -31,6 +31,7 @@ class Outcome:
     run_id: str | None = None
     metrics: dict | None = None  # {metric name: value} of the adapter on the test set
     failure: str = ""
+    reused_from: str | None = None  # the run whose outputs DVC restored from its run cache for this trial
 
     def value(self, metric: str) -> float | None:
         return (self.metrics or {}).get(metric) if self.state == SUCCESS else None
@@ -75,7 +76,7 @@ def trials_table(outcomes: list[Outcome], gate: Gate, shape: str) -> str:
             *[str(outcome.trial.overrides[k]) for k in keys],
             *[cell(outcome.value(m), m) for m in metrics],
             minutes(outcome.seconds),
-            outcome.state.lower(),
+            "reused" if outcome.reused_from else outcome.state.lower(),
             f"`{outcome.run_id}`" if outcome.run_id else "—",
         ]
         lines.append("| " + " | ".join(row) + " |")

@@ -22,9 +22,9 @@ from stages.tracking.registry import (
     logged_rows,
     register_adapter,
 )
-from stages.tracking.runs import experiment_id, git_tags, source_tags
+from stages.tracking.runs import experiment_id, git_tags, log_metrics, source_tags
 from sweeps.plan import Trial
-from sweeps.queue import FAILED, SUCCESS, Watch, trial_log
+from sweeps.queue import FAILED, SUCCESS, Watch, restored_record, trial_log
 from sweeps.report import Outcome
 
 
@@ -46,8 +46,10 @@ def start_parent_run(client, paths: Paths, params: Params, sweep_id: str, trials
     return run.info.run_id
 
 
-def outcomes_of(client, experiment: str, sweep_id: str, trials: list[Trial], watch: Watch, root: Path, env) -> list:
-    """Each trial's state, time, child run and test metrics; a failed one with its last lines of output."""
+def outcomes_of(client, experiment: str, parent: str, trials: list[Trial], watch: Watch, root: Path, env) -> list:
+    """Each trial's state, time, child run (of run `parent`) and test metrics; a failed one with its last lines of
+    output."""
+    sweep_id = client.get_run(parent).data.tags["sweep.id"]
     runs = {
         run.data.tags.get("dvc.exp_name"): run
         for run in client.search_runs([experiment], filter_string=f"tags.`sweep.id` = '{sweep_id}'")
@@ -57,13 +59,40 @@ def outcomes_of(client, experiment: str, sweep_id: str, trials: list[Trial], wat
         state, run = watch.states.get(trial.name, FAILED), runs.get(trial.name)
         timing = (watch.seconds(trial.name), watch.offset(trial.name))
         if state == SUCCESS and run is None:
-            outcomes.append(Outcome(trial, FAILED, *timing, failure="the trial left no MLflow run"))
+            outcomes.append(reused_outcome(client, experiment, parent, trial, timing, root, env))
         elif state != SUCCESS:
             failure = trial_log(root, env, trial.name)
             outcomes.append(Outcome(trial, state, *timing, run.info.run_id if run else None, failure=failure))
         else:
             outcomes.append(Outcome(trial, state, *timing, run.info.run_id, adapter_test_metrics(run.data.metrics)))
     return outcomes
+
+
+def reused_outcome(client, experiment: str, parent: str, trial: Trial, timing, root: Path, env) -> Outcome:
+    """A trial DVC restored from its run cache: its stages, record_run included, did not run again, so it left
+    no child run. The run that recorded those very outputs (named in the restored run record) stands in: this
+    sweep gets a child run pointing at it (`sweep.reused_run`) with its params and metrics."""
+    from mlflow.exceptions import MlflowException
+
+    record = restored_record(root, env, trial.name)
+    try:
+        original = client.get_run(record["run_id"]) if record else None
+    except MlflowException:
+        original = None
+    if original is None:
+        return Outcome(trial, FAILED, *timing, failure="the trial left no MLflow run, and no earlier run it reused")
+    tags = {key: value for key, value in original.data.tags.items() if not key.startswith("mlflow.")}
+    tags.update({
+        "mlflow.parentRunId": parent, "sweep.id": client.get_run(parent).data.tags["sweep.id"],
+        "dvc.exp_name": trial.name, "sweep.reused_run": original.info.run_id,
+    })  # fmt: skip
+    child = client.create_run(experiment, run_name=f"{trial.name} {trial.label()} (reused)", tags=tags)
+    log_metrics(client, child.info.run_id, original.data.metrics)
+    for key, value in original.data.params.items():
+        client.log_param(child.info.run_id, key, value)
+    client.set_terminated(child.info.run_id, status="FINISHED")
+    metrics = adapter_test_metrics(original.data.metrics)
+    return Outcome(trial, SUCCESS, *timing, original.info.run_id, metrics, reused_from=original.info.run_id)
 
 
 def downloaded_adapter(client, run_id: str, folder: str) -> Path:
