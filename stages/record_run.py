@@ -3,7 +3,8 @@
 Runs last, whenever any output it reads changed, so every execution that did something is one MLflow run,
 whether it was started by the Prefect flow, `dvc repro` or `dvc exp run`:
 - the run: the flow's (its id in $MLFLOW_RUN_ID, where train_qlora streamed the loss curve live), or a new
-  one tagged `started_by` = "dvc repro" / "dvc exp run" and `dvc.exp_name` = $DVC_EXP_NAME;
+  one tagged `started_by` = "dvc repro" / "dvc exp run" and `dvc.exp_name` = $DVC_EXP_NAME; in a sweep's
+  trial ($SWEEP_PARENT_RUN_ID set by flows/sweep.py), a child of the sweep's run that registers nothing;
 - params, the stages' metrics, the loss curve, the adapter, charts, predictions, model card, dvc.lock, and
   lineage tags (stages/tracking/runs.py);
 - the adapter as an MLflow Model (serving/pricer.py: a pyfunc that prices descriptions), linked to the run;

@@ -4,6 +4,7 @@ child MLflow runs under one parent, the gate applied once, the report, and failu
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -106,7 +107,18 @@ def test_a_failing_trial_is_reported_and_the_other_lands_on_a_tracking_server(wo
         assert [c.data.tags["dvc.exp_name"] for c in children] == [f"{folder.name}-01"]
         (version,) = client.search_model_versions("name = 'qlora-price-adapter'")
         assert version.run_id == children[0].info.run_id
-    markdown = (folder / "report.md").read_text()
-    assert "1 of 2 trials succeeded" in markdown
-    assert f"**{folder.name}-02** (target_modules=['no_such_module']) failed" in markdown
-    assert "no_such_module" in markdown.split("failed:", 1)[1]
+        markdown = (folder / "report.md").read_text()
+        assert "1 of 2 trials succeeded" in markdown
+        assert f"**{folder.name}-02** (target_modules=['no_such_module']) failed" in markdown
+        assert "no_such_module" in markdown.split("failed:", 1)[1]
+
+        # The same sweep again: DVC restores the trial that succeeded from its run cache, so nothing runs;
+        # the new sweep's child run points at the run that recorded those outputs, and no version is added.
+        shutil.rmtree(folder)
+        done = sweep(root, env, {"lora.target_modules": [["q_proj", "v_proj"], ["no_such_module"]]})
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        again = report_folder(root)
+        _, _, reused = sweep_runs(uri, again.name)
+        assert [r.data.tags["sweep.reused_run"] for r in reused] == [version.run_id]
+        assert "| reused |" in (again / "report.md").read_text()
+        assert len(client.search_model_versions("name = 'qlora-price-adapter'")) == 1
