@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
+from tests.conftest import REPO_ROOT
 from tests.flow_workspace import dvc, latest_report, run, set_param
 
 FEW_STEPS = {"train.max_steps": 4}
@@ -122,3 +124,23 @@ def test_a_failing_trial_is_reported_and_the_other_lands_on_a_tracking_server(wo
         assert [r.data.tags["sweep.reused_run"] for r in reused] == [version.run_id]
         assert "| reused |" in (again / "report.md").read_text()
         assert len(client.search_model_versions("name = 'qlora-price-adapter'")) == 1
+
+
+def test_a_bad_sweep_stops_before_prefect_or_dvc_start(tmp_path, capsys):
+    """`python -m flows.sweep` with an unknown key: exit 1 with one line naming it, and nothing queued."""
+    from flows.sweep import main
+
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["sweep"]["grid"] = {"train.lr": [1e-3]}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert main(["--project-dir", str(tmp_path)]) == 1
+    assert "sweep not started: sweep.grid: unknown key 'train.lr'" in capsys.readouterr().err
+    assert not (tmp_path / ".dvc").exists()
+
+
+def test_a_sweep_needs_a_commit(tmp_path, capsys):
+    from flows.sweep import main
+
+    (tmp_path / "params.yaml").write_text((REPO_ROOT / "params.yaml").read_text())
+    assert main(["--project-dir", str(tmp_path)]) == 1
+    assert "which start from a git commit" in capsys.readouterr().err
