@@ -47,7 +47,6 @@ from flows.workspace import (
     describe_changes,
     lock_committed,
     pipeline_changes,
-    run_name,
     stage_environment,
     workspace_lock,
 )
@@ -57,7 +56,7 @@ from stages.common.io import read_json
 from stages.common.paths import Paths
 from stages.common.report import comparison_markdown, comparison_table, data_markdown, promotion_markdown
 from stages.tracking.names import TIMING, metric_name
-from stages.tracking.runs import log_metrics, start_pipeline_run
+from stages.tracking.runs import log_metrics, run_name, start_pipeline_run
 from stages.tracking.store import client_for, is_server, require_server, shown_uri, tracking_uri
 
 STAGES = (
@@ -263,7 +262,8 @@ def retrain_changed(paths: Paths, params: Params, changes: str, target: tuple[st
     run, close it, push the outputs (flow.push) and publish the report."""
     require_server(tracking_uri(paths, params))
     client = client_for(paths, params)
-    name = run_name(paths.root, params_by_key(params))
+    lock = paths.root / "dvc.lock"  # still the last run's: no stage has run yet
+    name = run_name("retrain", lock.read_text(encoding="utf-8") if lock.is_file() else None, params_by_key(params))
     run_id = start_pipeline_run(paths, params, started_by="prefect", run_name=name)
     client.set_tag(run_id, "prefect.flow_run_id", str(flow_run.get_id()))
     client.set_tag(run_id, "prefect.flow_run_name", flow_run.get_name())

@@ -160,38 +160,6 @@ def lock_committed(root: Path) -> bool:
     return subprocess.run(command, cwd=root, capture_output=True, check=False).returncode == 0
 
 
-def recorded_params(root: Path) -> dict[str, object] | None:
-    """{"section.key": value} of the params dvc.lock recorded for the last run (None without dvc.lock)."""
-    import yaml
-
-    lock_path = root / "dvc.lock"
-    if not lock_path.is_file():
-        return None
-    recorded: dict[str, object] = {}
-    for entry in (yaml.safe_load(lock_path.read_text(encoding="utf-8")) or {}).get("stages", {}).values():
-        for values in (entry.get("params") or {}).values():
-            for name, value in values.items():  # a whole section ("train": {...}) or one key ("data.source")
-                if isinstance(value, dict):
-                    recorded.update({f"{name}.{key}": item for key, item in value.items()})
-                else:
-                    recorded[name] = value
-    return recorded
-
-
-def run_name(root: Path, current: dict[str, object]) -> str:
-    """A name for a retrain's MLflow run that says what was tried: the params (`current`, "section.key": value)
-    that differ from the last run's in dvc.lock, else that the data or code changed, or that it is the first."""
-    recorded = recorded_params(root)
-    if recorded is None:
-        return "retrain: first run"
-    changed = [
-        f"{key.rsplit('.', 1)[-1]}={current[key]}"
-        for key in recorded
-        if key in current and current[key] != recorded[key]
-    ]
-    return f"retrain: {', '.join(changed)}" if changed else "retrain: data or code changed"
-
-
 def describe_changes(changes: dict) -> str:
     """One line per changed stage: `train_qlora: changed params (train), changed deps (stages/train_qlora.py)`."""
     lines = []

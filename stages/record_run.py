@@ -29,14 +29,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages.common.cli import run_stage
-from stages.common.config import PRICE, Params, flatten
+from stages.common.config import PRICE, Params, flatten, params_by_key
 from stages.common.errors import StageError
 from stages.common.io import read_json, read_jsonl, write_json
 from stages.common.paths import Paths
 from stages.common.report import promotion_markdown
 from stages.common.spec import StageSpec
 from stages.tracking.registry import Rescore, register_adapter
-from stages.tracking.runs import CHARTS, METRIC_FILES, RECORDED, champion_metrics, record_pipeline_run, test_set_hash
+from stages.tracking.runs import (
+    CHARTS,
+    METRIC_FILES,
+    RECORDED,
+    champion_metrics,
+    committed_lock,
+    record_pipeline_run,
+    run_name,
+    test_set_hash,
+)
 from stages.tracking.store import client_for, shown_uri, tracking_uri
 
 RECORDED_PARAMS = ("base_model", "data", "prompt", "quantization", "lora", "train", "evaluate", "export", "tracking")
@@ -135,7 +144,8 @@ def run(params: Params, paths: Paths) -> Result:
         return record_trial(params, paths, *trial)
     started_by, extra_tags = how_started()
     previous_champion = champion_metrics(paths, params)  # before this run can move the alias
-    run_id = record_pipeline_run(paths, params, started_by, run_id=os.environ.get("MLFLOW_RUN_ID"))
+    name = extra_tags.get("dvc.exp_name") or run_name(started_by, committed_lock(paths.root), params_by_key(params))
+    run_id = record_pipeline_run(paths, params, started_by, run_id=os.environ.get("MLFLOW_RUN_ID"), run_name=name)
     client = client_for(paths, params)
     for key, value in extra_tags.items():
         client.set_tag(run_id, key, value)

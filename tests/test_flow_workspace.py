@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from flows.workspace import DvcStatusFailed, WorkspaceBusy, busy_message, describe_changes, workspace_lock
 from stages.common.paths import Paths
@@ -113,19 +112,3 @@ def test_dvc_status_is_described_one_line_per_stage():
         "split_data: changed deps: data/raw modified; changed outs: data/splits deleted",
         "export_hub: always changed",
     ]
-
-
-def test_a_retrain_run_is_named_after_the_params_that_differ_from_dvc_lock(tmp_path):
-    from flows.workspace import run_name
-
-    assert run_name(tmp_path, {"train.learning_rate": 1e-3}) == "retrain: first run"
-    lock = {
-        "stages": {
-            "train_qlora": {"params": {"params.yaml": {"train": {"learning_rate": 1e-3, "seed": 42}}}},
-            "export_hub": {"params": {"params.yaml": {"data.source": "embedded:diamonds"}}},
-        }
-    }
-    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
-    current = {"train.learning_rate": 2e-3, "train.seed": 42, "data.source": "embedded:diamonds"}
-    assert run_name(tmp_path, current) == "retrain: learning_rate=0.002"
-    assert run_name(tmp_path, {**current, "train.learning_rate": 1e-3}) == "retrain: data or code changed"

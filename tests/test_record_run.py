@@ -69,6 +69,7 @@ def test_the_run_reads_as_model_training_in_the_mlflow_ui(finished_project):
     run = client.get_run(json.loads(finished_project.run_record.read_text())["run_id"])
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert run.info.run_name == "dvc repro: first run"  # no dvc.lock committed to compare the params with
     tags = run.data.tags
     assert tags["mlflow.source.name"] == "dvc.yaml (dvc repro)" and tags["mlflow.source.type"] == "LOCAL"
     assert tags["mlflow.user"] and tags["mlflow.source.git.commit"] == tags["git.commit"]

@@ -486,10 +486,11 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 
 
 def params_by_key(params: Params) -> dict[str, object]:
-    """{"section.key": value} of every section, values as params.yaml holds them (lists stay lists)."""
+    """{"section.key": value} of every section handed over, values as params.yaml holds them (lists stay lists)."""
     return {
         f"{section.name}.{key}": value
         for section in dataclasses.fields(params)
+        if not isinstance(getattr(params, section.name), Undeclared)
         for key, value in dataclasses.asdict(getattr(params, section.name)).items()
     }
 

@@ -187,6 +187,42 @@ def champion_metrics(paths: Paths, params: Params) -> dict[str, float] | None:
     return adapter_test_metrics(run.data.metrics)
 
 
+def params_in_lock(text: str | None) -> dict[str, object] | None:
+    """{"section.key": value} of the params a dvc.lock's text recorded (None without one)."""
+    if not text:
+        return None
+    recorded: dict[str, object] = {}
+    for entry in (yaml.safe_load(text) or {}).get("stages", {}).values():
+        for values in (entry.get("params") or {}).values():
+            for name, value in values.items():  # a whole section ("train": {...}) or one key ("data.source")
+                if isinstance(value, dict):
+                    recorded.update({f"{name}.{key}": item for key, item in value.items()})
+                else:
+                    recorded[name] = value
+    return recorded
+
+
+def run_name(started_by: str, lock_text: str | None, current: dict[str, object]) -> str:
+    """A run name that says what was tried: the params (`current`, "section.key": value) that differ from those a
+    dvc.lock recorded (`lock_text`: the last run's), else that the data or code changed, or that it is the first:
+    "retrain: learning_rate=0.002"."""
+    recorded = params_in_lock(lock_text)
+    if recorded is None:
+        return f"{started_by}: first run"
+    changed = [
+        f"{key.rsplit('.', 1)[-1]}={current[key]}"
+        for key in recorded
+        if current.get(key, recorded[key]) != recorded[key]
+    ]
+    return f"{started_by}: {', '.join(changed) if changed else 'data or code changed'}"
+
+
+def committed_lock(root: Path) -> str | None:
+    """The text of dvc.lock at the last commit: the run a `dvc repro` is compared with (None outside git)."""
+    done = subprocess.run(["git", "show", "HEAD:dvc.lock"], cwd=root, capture_output=True, text=True, check=False)
+    return done.stdout if done.returncode == 0 else None
+
+
 def start_pipeline_run(
     paths: Paths, params: Params, started_by: str, run_name: str | None = None, tags: dict | None = None
 ) -> str:

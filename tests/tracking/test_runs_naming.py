@@ -1,0 +1,20 @@
+"""stages/tracking/runs.py's run names: what a run tried, read against the last run's dvc.lock."""
+
+import yaml
+
+from stages.tracking.runs import run_name
+
+LOCK = yaml.safe_dump({
+    "stages": {
+        "train_qlora": {"params": {"params.yaml": {"train": {"learning_rate": 1e-3, "seed": 42}}}},
+        "export_hub": {"params": {"params.yaml": {"data.source": "embedded:diamonds"}}},
+    }
+})  # fmt: skip
+CURRENT = {"train.learning_rate": 2e-3, "train.seed": 42, "data.source": "embedded:diamonds"}
+
+
+def test_a_run_is_named_after_the_params_that_differ_from_dvc_lock():
+    assert run_name("retrain", LOCK, CURRENT) == "retrain: learning_rate=0.002"
+    assert run_name("dvc repro", LOCK, {**CURRENT, "train.learning_rate": 1e-3}) == "dvc repro: data or code changed"
+    assert run_name("retrain", None, CURRENT) == "retrain: first run"
+    assert run_name("dvc repro", LOCK, {"data.source": "embedded:diamonds"}) == "dvc repro: data or code changed"
