@@ -15,6 +15,7 @@ import json
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
@@ -23,7 +24,7 @@ from stages.common.io import read_json
 from stages.common.paths import Paths
 from stages.tracking.names import adapter_test_metrics, curve
 from stages.tracking.registry import PER_ITEM_ARTIFACT, PER_ITEM_TAG, TEST_HASH_TAG, champion_run
-from stages.tracking.store import client_for, is_server, shown_uri, store_root
+from stages.tracking.store import client_for, is_server, store_root
 
 MAX_PARAM_LENGTH = 250  # MLflow rejects longer parameter values
 METRIC_FILES = (Paths.data_metrics, Paths.token_metrics, Paths.train_metrics, Paths.eval_metrics)
@@ -71,8 +72,16 @@ def git_tags(root: Path) -> dict[str, str]:
     if branch and branch != "HEAD":
         tags["mlflow.source.git.branch"] = branch
     if remote:
-        tags["mlflow.source.git.repoURL"] = shown_uri(remote)  # a token in an https remote stays out
+        tags["mlflow.source.git.repoURL"] = without_credentials(remote)
     return tags
+
+
+def without_credentials(url: str) -> str:
+    """A git remote's URL without the user and token an https remote may hold (https://TOKEN@host/x)."""
+    parts = urlsplit(url)
+    if parts.scheme in ("http", "https") and "@" in parts.netloc:
+        return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+    return url
 
 
 def source_tags(started_by: str) -> dict[str, str]:
