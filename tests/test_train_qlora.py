@@ -237,11 +237,14 @@ def test_metrics_stream_to_the_active_mlflow_run(pipeline_project, tmp_path, mon
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
     train_qlora.run(params, fresh)
-    history = {key: client.get_metric_history(run_id, key) for key in ("val_loss", "train_loss", "tokens_per_second")}
+    history = {
+        key: client.get_metric_history(run_id, f"curves/{key}")
+        for key in ("val_loss", "train_loss", "tokens_per_second")
+    }
     assert [m.step for m in history["val_loss"]] == [6, 12]  # one point per evaluation
     assert len(history["train_loss"]) == 6 and all(m.value > 0 for m in history["tokens_per_second"])
     for key in ("learning_rate", "grad_norm", "tokens_seen"):
-        assert len(client.get_metric_history(run_id, key)) >= 2
+        assert len(client.get_metric_history(run_id, f"curves/{key}")) >= 2
     texts = {a.path for a in client.list_artifacts(run_id, "samples")}
     assert texts == {"samples/step_000006.txt", "samples/step_000012.txt"}
     assert [a.path for a in client.list_artifacts(run_id, "plots")] == ["plots/loss_curve.png"]
