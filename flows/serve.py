@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from flows.retrain import PROJECT_ROOT, retrain
@@ -55,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     schedule = args.cron or cfg.schedule
     name = args.name or cfg.deployment
     print(f"serving retrain/{name} on '{schedule}' ({cfg.timezone}) for {paths.root}")
+    # A process started in the background by a non-interactive shell (`make serve &`, some CI runners and process
+    # managers) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt: Ctrl-C or `kill -INT`
+    # would not stop serving nor pause the deployment. Take SIGINT back.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from prefect.schedules import Cron
 
     retrain.serve(
