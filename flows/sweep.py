@@ -166,14 +166,15 @@ def sweep(project_dir: str = str(PROJECT_ROOT), jobs: int | None = None) -> dict
             client.set_terminated(parent, status="KILLED")
             raise
         wall = time.monotonic() - started
-        return conclude(client, paths, params, parent, trials, watch, wall, jobs, env)
+        return conclude(client, paths, params, (parent, sweep_id), trials, watch, wall, jobs, env)
 
 
-def conclude(client, paths: Paths, params: Params, parent: str, trials, watch: Watch, wall: float, jobs: int, env):
-    """After the trials: their outcomes, the gate on the best, the report, the parent run closed."""
-    sweep_id = trials[0].name.rsplit("-", 1)[0]
+def conclude(client, paths: Paths, params: Params, sweep, trials, watch: Watch, wall: float, jobs: int, env):
+    """After the trials of `sweep` (its parent run id, its name): their outcomes, the gate on the best, the
+    report, the parent run closed."""
+    parent, sweep_id = sweep
     experiment = client.get_run(parent).info.experiment_id
-    outcomes = outcomes_of(client, experiment, parent, trials, watch, paths.root, env)
+    outcomes = outcomes_of(client, experiment, parent, sweep_id, trials, watch, paths.root, env)
     gate = Gate.from_params(params.tracking, params.data.shape)
     scored = [o for o in ranked(outcomes, gate) if o.value(gate.metric) is not None]
     best = scored[0] if scored else None

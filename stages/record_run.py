@@ -91,9 +91,7 @@ def record_trial(params: Params, paths: Paths, name: str, tags: dict[str, str]) 
     for its best trial (flows/sweep.py), so trials finishing together never race on the aliases."""
     started_by, extra_tags = how_started()
     run_id = record_pipeline_run(paths, params, started_by, run_name=name, tags={**tags, **extra_tags})
-    client = client_for(paths, params)
-    model = log_model(client, run_id, params, paths, read_jsonl(paths.split("test")))
-    client.set_tag(run_id, "model.uri", f"models:/{model.model_id}")
+    log_model(client_for(paths, params), run_id, params, paths)
     reason = "a sweep trial: the sweep registers its best trial and applies the gate once"
     write_json(paths.run_record, {
         "run_id": run_id, "tracking_uri": shown_uri(tracking_uri(paths, params)), "started_by": started_by,
@@ -118,11 +116,14 @@ def rescorer(params: Params, paths: Paths, client) -> Rescore:
     return rescore
 
 
-def log_model(client, run_id: str, params: Params, paths: Paths, test_rows: list[dict]):
-    """The adapter as an MLflow Model (serving/pricer.py), logged for the run: the LoggedModel."""
+def log_model(client, run_id: str, params: Params, paths: Paths):
+    """The adapter as an MLflow Model (serving/pricer.py), logged for the run and named in its `model.uri` tag:
+    the LoggedModel."""
     from serving.pricer import log_model as log_pricer
 
-    return log_pricer(client, run_id, params, paths, test_rows)
+    model = log_pricer(client, run_id, params, paths, read_jsonl(paths.split("test")))
+    client.set_tag(run_id, "model.uri", f"models:/{model.model_id}")
+    return model
 
 
 def log_card_with_decision(client, run_id: str, paths: Paths, record: dict) -> None:
@@ -151,8 +152,7 @@ def run(params: Params, paths: Paths) -> Result:
         client.set_tag(run_id, key, value)
     shape = read_json(paths.eval_metrics).get("shape", PRICE)
     rows = read_jsonl(paths.predictions)
-    model = log_model(client, run_id, params, paths, read_jsonl(paths.split("test")))
-    client.set_tag(run_id, "model.uri", f"models:/{model.model_id}")
+    model = log_model(client, run_id, params, paths)
     decision = register_adapter(
         client, params.tracking, run_id, paths.adapter, shape, rows, test_set_hash(paths),
         rescorer(params, paths, client), model,

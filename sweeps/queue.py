@@ -38,21 +38,27 @@ def dvc(root: Path, env: dict, *args: str) -> str:
     return text
 
 
-def restored_record(root: Path, env: dict, name: str) -> dict | None:
-    """The run record (reports/mlflow_run.json) of experiment `name`, read from DVC's cache: for a trial whose
-    every stage DVC restored from its run cache (the same code, data and params ran before), it names the
-    MLflow run that recorded those outputs. None when there is none."""
+def restored_records(root: Path, env: dict, names: list[str]) -> dict[str, dict]:
+    """{experiment name: its run record (reports/mlflow_run.json), read from DVC's cache} for `names`: for a
+    trial whose every stage DVC restored from its run cache (the same code, data and params ran before), it
+    names the MLflow run that recorded those outputs. One `dvc exp show` for them all."""
     import json
 
+    if not names:
+        return {}
+    cache = Path(dvc(root, env, "cache", "dir").strip())
+    cache = cache if cache.is_absolute() else root / cache
+    records = {}
     for row in json.loads(dvc(root, env, "exp", "show", "--json")):
         for experiment in row.get("experiments") or []:
-            if experiment.get("name") == name:
-                out = experiment["revs"][0]["data"].get("outs", {}).get("reports/mlflow_run.json") or {}
-                digest = out.get("hash") or ""
-                cache = Path(dvc(root, env, "cache", "dir").strip())
-                path = (cache if cache.is_absolute() else root / cache) / "files" / "md5" / digest[:2] / digest[2:]
-                return json.loads(path.read_text(encoding="utf-8")) if digest and path.is_file() else None
-    return None
+            if experiment.get("name") not in names:
+                continue
+            out = experiment["revs"][0]["data"].get("outs", {}).get("reports/mlflow_run.json") or {}
+            digest = out.get("hash") or ""
+            path = cache / "files" / "md5" / digest[:2] / digest[2:]
+            if digest and path.is_file():
+                records[experiment["name"]] = json.loads(path.read_text(encoding="utf-8"))
+    return records
 
 
 def queue_states(root: Path, env: dict) -> dict[str, str]:

@@ -99,9 +99,8 @@ def seeds_table(outcomes: list[Outcome], gate: Gate) -> str:
         "| " + " | ".join([*[k.rsplit(".", 1)[-1] for k in keys], f"{gate.metric} mean ± sd", "seeds"]) + " |",
         "|" + "---|" * (len(keys) + 2),
     ]
-    ordered = sorted(groups.items(), key=lambda kv: statistics.mean(kv[1]) if kv[1] else float("inf"))
-    if gate.greater_is_better:
-        ordered = sorted(groups.items(), key=lambda kv: -statistics.mean(kv[1]) if kv[1] else float("inf"))
+    sign = -1 if gate.greater_is_better else 1  # best first; combinations without a result last
+    ordered = sorted(groups.items(), key=lambda kv: sign * statistics.mean(kv[1]) if kv[1] else float("inf"))
     for combo, values in ordered:
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         summary = f"{statistics.mean(values):.4g} ± {spread:.2g}" if values else "—"

@@ -24,7 +24,7 @@ from stages.tracking.registry import (
 )
 from stages.tracking.runs import experiment_id, git_tags, log_metrics, source_tags
 from sweeps.plan import Trial
-from sweeps.queue import FAILED, SUCCESS, Watch, restored_record, trial_log
+from sweeps.queue import FAILED, SUCCESS, Watch, restored_records, trial_log
 from sweeps.report import Outcome
 
 
@@ -46,20 +46,23 @@ def start_parent_run(client, paths: Paths, params: Params, sweep_id: str, trials
     return run.info.run_id
 
 
-def outcomes_of(client, experiment: str, parent: str, trials: list[Trial], watch: Watch, root: Path, env) -> list:
+def outcomes_of(client, experiment: str, parent: str, sweep_id: str, trials: list[Trial], watch: Watch, root, env):
     """Each trial's state, time, child run (of run `parent`) and test metrics; a failed one with its last lines of
     output."""
-    sweep_id = client.get_run(parent).data.tags["sweep.id"]
     runs = {
         run.data.tags.get("dvc.exp_name"): run
         for run in client.search_runs([experiment], filter_string=f"tags.`sweep.id` = '{sweep_id}'")
     }
+    reused = [t.name for t in trials if watch.states.get(t.name) == SUCCESS and t.name not in runs]
+    records = restored_records(root, env, reused)
     outcomes = []
     for trial in trials:
         state, run = watch.states.get(trial.name, FAILED), runs.get(trial.name)
         timing = (watch.seconds(trial.name), watch.offset(trial.name))
         if state == SUCCESS and run is None:
-            outcomes.append(reused_outcome(client, experiment, parent, trial, timing, root, env))
+            outcomes.append(
+                reused_outcome(client, experiment, (parent, sweep_id), trial, timing, records.get(trial.name))
+            )
         elif state != SUCCESS:
             failure = trial_log(root, env, trial.name)
             outcomes.append(Outcome(trial, state, *timing, run.info.run_id if run else None, failure=failure))
@@ -68,13 +71,14 @@ def outcomes_of(client, experiment: str, parent: str, trials: list[Trial], watch
     return outcomes
 
 
-def reused_outcome(client, experiment: str, parent: str, trial: Trial, timing, root: Path, env) -> Outcome:
+def reused_outcome(client, experiment: str, sweep: tuple[str, str], trial: Trial, timing, record) -> Outcome:
     """A trial DVC restored from its run cache: its stages, record_run included, did not run again, so it left
     no child run. The run that recorded those very outputs (named in the restored run record) stands in: this
-    sweep gets a child run pointing at it (`sweep.reused_run`) with its params and metrics."""
+    sweep (its run id, its name) gets a child run pointing at it (`sweep.reused_run`) with its params and
+    metrics. `record` is the trial's restored run record, or None."""
     from mlflow.exceptions import MlflowException
 
-    record = restored_record(root, env, trial.name)
+    parent, sweep_id = sweep
     try:
         original = client.get_run(record["run_id"]) if record else None
     except MlflowException:
@@ -83,7 +87,7 @@ def reused_outcome(client, experiment: str, parent: str, trial: Trial, timing, r
         return Outcome(trial, FAILED, *timing, failure="the trial left no MLflow run, and no earlier run it reused")
     tags = {key: value for key, value in original.data.tags.items() if not key.startswith("mlflow.")}
     tags.update({
-        "mlflow.parentRunId": parent, "sweep.id": client.get_run(parent).data.tags["sweep.id"],
+        "mlflow.parentRunId": parent, "sweep.id": sweep_id,
         "dvc.exp_name": trial.name, "sweep.reused_run": original.info.run_id,
     })  # fmt: skip
     child = client.create_run(experiment, run_name=f"{trial.name} {trial.label()} (reused)", tags=tags)

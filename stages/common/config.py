@@ -496,13 +496,5 @@ def params_by_key(params: Params) -> dict[str, object]:
 
 
 def flatten(params: Params) -> dict[str, object]:
-    """Flatten params into {"section.key": value} for MLflow (lists joined by commas); sections a stage was
-    not handed are left out."""
-    flat: dict[str, object] = {}
-    for section in dataclasses.fields(params):
-        value = getattr(params, section.name)
-        if isinstance(value, Undeclared):
-            continue
-        for key, item in dataclasses.asdict(value).items():
-            flat[f"{section.name}.{key}"] = ",".join(map(str, item)) if isinstance(item, list) else item
-    return flat
+    """`params_by_key` for MLflow: lists joined by commas; sections a stage was not handed are left out."""
+    return {key: ",".join(map(str, v)) if isinstance(v, list) else v for key, v in params_by_key(params).items()}
