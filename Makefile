@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 # Stage commands in dvc.yaml call `python`: make it this environment's.
 RUN := env PATH="$(BIN):$$PATH" PREFECT_SERVER_ANALYTICS_ENABLED=false
 
-.PHONY: venv demo sweep test test-fast test-random serve-champion predict lint format repro plan prefect-server serve deploy worker mlflow-ui mlflow-server bench bench-train bench-profile bench-eval bench-data bench-memory bench-memory-1b bench-overhead bench-noise bench-gguf bench-serving clean
+.PHONY: venv demo sweep test test-fast test-random serve-champion predict history lint format repro plan prefect-server serve deploy worker mlflow-ui mlflow-server bench bench-train bench-profile bench-eval bench-data bench-memory bench-memory-1b bench-overhead bench-noise bench-gguf bench-serving clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -132,6 +132,11 @@ serve-champion: venv
 predict: venv
 	$(RUN) MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(BIN)/python -m serving.predict \
 		--input $(INPUT) --output $(OUTPUT) --model $(MODEL_URI)
+
+# Every recorded retrain as one table (when, rows, test items kept/added, metric, decision, champion after) and
+# reports/history.png.
+history: venv
+	$(RUN) $(BIN)/python -m flows.history
 
 mlflow-ui: venv
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --host 127.0.0.1 --port 5000

@@ -3,10 +3,11 @@
 The data: the diamonds table (53,940 rows, described as the embedded source describes them) written `--copies`
 times into one JSONL file, each text ending " Lot <copy>-<row>." so that every text is distinct (431,520 rows
 for 8 copies). For each size in `--sizes` (the file's first rows), a scratch workspace reads that file with
-data.n_test 2000, n_val 2000, n_train -1 (the rest as in params.yaml), and `python -m stages.split_data` then
-`python -m stages.tokenize_data` run there, each as its own process. Prints the wall seconds and peak RSS of
-each stage per size, and the seconds per 100,000 rows (flat when the cost grows linearly); writes
-bench/results/data_scale.json with the machine. Needs models/base for the tokenizer (`make demo` first).
+data.test_fraction and val_fraction set for about 2,000 rows each, n_train -1 (the rest as in params.yaml),
+and `python -m stages.split_data` then `python -m stages.tokenize_data` run there, each as its own process.
+Prints the wall seconds and peak RSS of each stage per size, and the seconds per 100,000 rows (flat when the
+cost grows linearly); writes bench/results/data_scale.json with the machine. Needs models/base for the
+tokenizer (`make demo` first).
 
 Run: `python -m bench.data_scale [--copies 8] [--sizes 53940 107880 215760 431520]` (or `make bench-data`).
 """
@@ -55,7 +56,8 @@ def scratch_workspace(folder: Path, source: Path, rows: int, project: Paths) -> 
         for _ in range(rows):
             out.write(next(lines))
     params = yaml.safe_load(project.params.read_text(encoding="utf-8"))
-    params["data"].update(source="data/raw/lots.jsonl", n_test=HELD_OUT, n_val=HELD_OUT, n_train=-1)
+    share = HELD_OUT / rows  # about HELD_OUT test and val rows each: the membership rule draws shares
+    params["data"].update(source="data/raw/lots.jsonl", test_fraction=share, val_fraction=share, n_train=-1)
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     (folder / "models").mkdir()
     (folder / "models" / "base").symlink_to(project.base_model.resolve())
@@ -116,7 +118,10 @@ def main(argv: list[str] | None = None) -> int:
             results.append(measure(source, rows, Path(scratch), project))
             print(f"{rows:,} rows: {results[-1]}", flush=True)
     info = machine()
-    print(f"\nsplit_data and tokenize_data, n_test = n_val = {HELD_OUT:,}, n_train = the rest; {describe(info)}")
+    print(
+        f"\nsplit_data and tokenize_data, about {HELD_OUT:,} test and val rows each, n_train = the rest; "
+        f"{describe(info)}"
+    )
     print_table(results)
     write_json(RESULTS, {"machine": info, "held_out": HELD_OUT, "results": results})
     return 0

@@ -93,16 +93,16 @@ def spread(values: list[float]) -> dict:
 
 def pairwise_decisions(params, runs: list[dict]) -> list[dict]:
     """The gate's decision for every ordered pair of seeds: the first as candidate, the second as champion."""
-    from stages.tracking.gate import Champion, Gate, Items, decide
+    from stages.tracking.gate import Champion, Gate, Items, Provenance, decide
 
     gate = Gate.from_params(params.tracking, "price")
     decisions = []
     for candidate, champion in itertools.permutations(runs, 2):
         held = Champion(
-            str(champion["seed"]), "same", Items.from_rows(champion["rows"], "adapter"),
+            str(champion["seed"]), Provenance("same"), Items.from_rows(champion["rows"], "adapter"),
             label=f"the champion of seed {champion['seed']}",
         )  # fmt: skip
-        decision = decide(gate, Items.from_rows(candidate["rows"], "adapter"), held, None, "same")
+        decision = decide(gate, Items.from_rows(candidate["rows"], "adapter"), held, None, Provenance("same"))
         decisions.append({
             "candidate_seed": candidate["seed"], "champion_seed": champion["seed"], "promoted": decision.promoted,
             "reason": decision.reason, **(decision.comparison.record() if decision.comparison else {}),

@@ -55,6 +55,7 @@ from stages.common.errors import TRANSIENT_EXIT
 from stages.common.io import read_json
 from stages.common.paths import Paths
 from stages.common.report import comparison_markdown, comparison_table, data_markdown, promotion_markdown
+from stages.tracking import history
 from stages.tracking.names import TIMING, metric_name
 from stages.tracking.runs import log_metrics, run_name, start_pipeline_run
 from stages.tracking.store import client_for, is_server, require_server, shown_uri, tracking_uri
@@ -172,10 +173,15 @@ def timings(stage_seconds: dict[str, float]) -> str:
     return ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in stage_seconds.items())
 
 
-def trained_report(metrics: dict, record: dict, data: dict, changes: str, hint: str, stage_seconds: dict) -> str:
+def trained_report(
+    metrics: dict, record: dict, data: dict, changes: str, hint: str, stage_seconds: dict, past: str
+) -> str:
+    """The report of a run that trained: comparison, promotion, data, the history of retrains (`past`, a
+    Markdown table), what changed and the stage times."""
     return (
         f"# Retrain report: retrained\n\n## Comparison on the test set\n\n{comparison_markdown(metrics)}\n\n"
         f"## Promotion\n\n{promotion_markdown(record)}\n\n{hint}\n\n## Data\n\n{data_markdown(data)}\n\n"
+        f"## History\n\n{past}\n\n"
         f"## What changed\n\n```\n{changes}\n```\n\nStage times (dvc repro, skips included): {timings(stage_seconds)}\n"
     )
 
@@ -304,7 +310,9 @@ def retrain_changed(paths: Paths, params: Params, changes: str, target: tuple[st
             "sweep), commit it: git add dvc.lock && git commit -m 'pipeline results'"
         )
     shared = share_outputs(paths, params, target)
-    shared.publish(trained_report(metrics, record, data, changes, hint, stage_seconds), "retrained")
+    past = history.markdown_table(history.retrains(client, params.tracking.experiment))
+    print(f"\nretrain history (python -m flows.history):\n{past}")
+    shared.publish(trained_report(metrics, record, data, changes, hint, stage_seconds, past), "retrained")
     return {
         "state": "retrained",
         "run_id": run_id,

@@ -29,7 +29,7 @@ from stages.common.io import read_jsonl, write_csv, write_json, write_jsonl
 from stages.common.modeling import set_threads
 from stages.common.paths import Paths
 from stages.common.report import comparison_table
-from stages.common.rows import reference, split_shape
+from stages.common.rows import split_shape
 from stages.common.spec import StageSpec
 from stages.evaluation import prices, texts
 from stages.evaluation.charts import loss_scatter, price_scatter
@@ -116,7 +116,7 @@ def adapter_rows(params: Params, paths: Paths, adapter: Path) -> list[dict]:
             test, prices.predict_prices(paths, params, test, adapter, with_base=False).adapter
         )
     prompts, outputs, losses, _ = texts.predict_text(paths, params, shape, test, adapter, with_base=False)
-    return texts.text_rows(prompts, [reference(row, shape) for row in test], outputs, losses)
+    return texts.text_rows(test, shape, prompts, outputs, losses)
 
 
 def main(argv: list[str] | None = None) -> int:

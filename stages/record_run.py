@@ -35,6 +35,7 @@ from stages.common.io import read_json, read_jsonl, write_json
 from stages.common.paths import Paths
 from stages.common.report import promotion_markdown
 from stages.common.spec import StageSpec
+from stages.tracking import history
 from stages.tracking.registry import Rescore, register_adapter
 from stages.tracking.runs import (
     CHARTS,
@@ -44,16 +45,16 @@ from stages.tracking.runs import (
     committed_lock,
     record_pipeline_run,
     run_name,
-    test_set_hash,
+    workspace_test_set,
 )
 from stages.tracking.store import client_for, shown_uri, tracking_uri
 
 RECORDED_PARAMS = ("base_model", "data", "prompt", "quantization", "lora", "train", "evaluate", "export", "tracking")
-# The base model and the test split: to re-score a champion registered without per-item results.
+# The base model and the test split: to re-score a champion; the train and val splits: what the adapter saw.
 SPEC = StageSpec(
     "record_run",
     params=RECORDED_PARAMS,
-    reads=(*METRIC_FILES, *CHARTS, *RECORDED, Paths.base_model, Paths.test_split),
+    reads=(*METRIC_FILES, *CHARTS, *RECORDED, Paths.base_model, Paths.splits),
     writes=(Paths.run_record,),
 )
 
@@ -154,7 +155,7 @@ def run(params: Params, paths: Paths) -> Result:
     rows = read_jsonl(paths.predictions)
     model = log_model(client, run_id, params, paths)
     decision = register_adapter(
-        client, params.tracking, run_id, paths.adapter, shape, rows, test_set_hash(paths),
+        client, params.tracking, run_id, paths.adapter, shape, rows, workspace_test_set(paths),
         rescorer(params, paths, client), model,
     )  # fmt: skip
     record = {
@@ -166,6 +167,8 @@ def run(params: Params, paths: Paths) -> Result:
         **decision,
         "previous_champion": previous_champion,
     }
+    if decision["new_version"]:
+        history.publish(client, params.tracking, run_id)
     log_card_with_decision(client, run_id, paths, record)
     write_json(paths.run_record, record)
     verdict = "promoted to champion" if decision["promoted"] else f"alias {decision['alias'] or 'unchanged'}"

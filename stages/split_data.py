@@ -12,12 +12,14 @@ and field; a structural problem (missing, empty, misnamed or non-UTF-8 file, bro
 column, nothing left, sizes that cannot be met) stops the stage and leaves the previous outputs as they
 were. The course's curation (`scrub`, `min_text_words`, `max_text_words`, `balance_per_price`) applies to
 the price shape. Duplicates (same text after lower-casing and collapsing spaces) keep their first row,
-so no text is in two splits. The shuffle is seeded and the test set is taken first, so changing n_train
-or n_val never changes the test set; new rows can, unless `data.test_split` pins it (a kept copy of an
-earlier test.jsonl, used as the test split as is).
+so no text is in two splits. A source may be a folder of such files (one per delivery), read in name order.
+Each row's split follows from a seeded hash of its key (stages/data/membership.py): rows that arrive later
+join the splits in proportion and never move an old row, so the test set keeps its items as the data grows;
+`data.test_split` pins a test set by hand instead (a kept copy of an earlier test.jsonl, used as is).
 It writes the three splits as JSONL (one row per line, in its shape's fields) and the data metrics (source,
-shape, rows in, kept and dropped per reason with examples, and the size, sha256 and price statistics of each
-split). Inputs and outputs: `SPEC` below.
+shape, rows in, kept and dropped per reason with examples, the size, sha256 and price statistics of each
+split, the membership rule and its fingerprint, and the rows kept, added, removed and moved per split since
+the previous run, stages/data/previous.py). Inputs and outputs: `SPEC` below.
 
 Run: `python -m stages.split_data` (or `dvc repro split_data`).
 """
@@ -39,12 +41,15 @@ from stages.common.paths import Paths
 from stages.common.rows import ROLES, row_key, split_shape
 from stages.common.spec import StageSpec
 from stages.data.curation import balanced, cap_words, scrub
+from stages.data.membership import assign, changes, rule
+from stages.data.previous import previous_run
 from stages.data.sources import Record, columns_of, read_records
 
 SPEC = StageSpec(
     "split_data", params=("data",), reads=(Paths.raw_dir,), writes=(Paths.splits,), metrics=(Paths.data_metrics,)
 )
 SPLITS = ("train", "val", "test")
+FEW_TEST_ITEMS = 30  # fewer draw a warning: too few for the gate to tell adapters apart
 EXAMPLES_PER_REASON = 3  # dropped rows named in the warning and in metrics/data.json, per reason
 REASONS = {
     PRICE: (
@@ -212,26 +217,29 @@ def clean(records: list[Record], cfg: DataConfig) -> tuple[list[dict], Counter, 
 
 
 def split(rows: list[dict], cfg: DataConfig, pinned_test: list[dict] | None = None) -> dict[str, list[dict]]:
-    """Seeded shuffle, then test, val and train in that order (n_train -1 takes all the rest). With a
-    pinned test set, it is the test split as given, and its texts are left out of the shuffle."""
-    import numpy as np
-
-    if pinned_test is not None:
-        pinned = {row_key(row) for row in pinned_test}
-        rows = [row for row in rows if row_key(row) not in pinned]
-    n_test = 0 if pinned_test is not None else cfg.n_test
-    wanted = n_test + cfg.n_val + max(cfg.n_train, 1)
-    if len(rows) < wanted:
+    """The splits by the membership rule (stages/data/membership.py), train cut to `data.n_train` rows;
+    StageError when test or val would be empty or the training pool is smaller than n_train."""
+    splits = assign(rows, cfg, pinned_test)
+    for name, key in (("test", "test_fraction"), ("val", "val_fraction")):
+        if not splits[name]:
+            raise StageError(
+                f"data: data.{key}={getattr(cfg, key):g} puts none of the {len(rows)} rows left after cleaning in "
+                f"the {name} set; raise it or bring more data"
+            )
+    if len(splits["train"]) < cfg.n_train:
         raise StageError(
-            f"data: {len(rows)} rows after cleaning{' and leaving out the pinned test set' if n_test == 0 else ''}, "
-            f"but n_test + n_val + n_train needs {wanted}; lower the sizes in params.yaml or bring more data"
+            f"data: {len(splits['train'])} rows of the {len(rows)} left after cleaning are not test or val items, "
+            f"but data.n_train={cfg.n_train}; lower it (-1 takes them all) or bring more data"
         )
-    order = np.random.default_rng(cfg.seed).permutation(len(rows))
-    shuffled = [rows[i] for i in order]
-    end_val = n_test + cfg.n_val
-    end_train = len(rows) if cfg.n_train < 0 else end_val + cfg.n_train
-    test = pinned_test if pinned_test is not None else shuffled[:n_test]
-    return {"test": test, "val": shuffled[n_test:end_val], "train": shuffled[end_val:end_train]}
+    if cfg.n_train >= 0:
+        splits["train"] = splits["train"][: cfg.n_train]  # the lowest positions: the same rows while they last
+    if len(splits["test"]) < FEW_TEST_ITEMS:
+        print(
+            f"[split_data] warning: only {len(splits['test'])} test items: the gate's interval will be wide; "
+            "raise data.test_fraction",
+            file=sys.stderr,
+        )
+    return splits
 
 
 def read_pinned_test(cfg: DataConfig, root) -> list[dict] | None:
@@ -287,6 +295,31 @@ def write_splits(paths: Paths, splits: dict[str, list[dict]]) -> dict[str, str]:
     return hashes
 
 
+def membership_of(cfg: DataConfig) -> dict:
+    """The membership rule (stages/data/membership.py), or the pinned file when `data.test_split` is set."""
+    return {**rule(cfg), "test_split": cfg.test_split}
+
+
+def since_last_run(paths: Paths, cfg: DataConfig, splits: dict[str, list[dict]]) -> dict:
+    """What changed since the previous run's splits: `previous` (where they were read from), whether the
+    membership rule changed (then the test set is another one: warned), and per split the rows kept, added,
+    removed, with the rows `moved` between splits. {"previous": None} on a first run."""
+    previous = previous_run(paths)
+    if previous is None:
+        return {"previous": None}
+    before = previous.metrics.get("membership", {})
+    now = membership_of(cfg)
+    changed = {key: [before.get(key), now[key]] for key in now if key != "fingerprint" and before.get(key) != now[key]}
+    if changed:
+        named = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items())
+        print(
+            f"[split_data] warning: split membership changed since the last run ({named}): this is another test "
+            "set, so the gate re-scores the champion on it rather than comparing logged results",
+            file=sys.stderr,
+        )
+    return {"previous": previous.where, "membership_changed": sorted(changed), **changes(previous.splits, splits)}
+
+
 def run(params: Params, paths: Paths) -> Result:
     """Read, check, clean, deduplicate and split params.data; write the splits and metrics/data.json.
 
@@ -301,11 +334,12 @@ def run(params: Params, paths: Paths) -> Result:
         raise StageError(f"{label}: no rows left after cleaning ({len(records)} in, dropped {dict(dropped)})")
     splits = split(rows, cfg, read_pinned_test(cfg, paths.root))
     check_no_shared_text(splits)
+    since = since_last_run(paths, cfg, splits)
     hashes = write_splits(paths, splits)
     summary: dict = {
         "source": label, "shape": cfg.shape, "rows_in": len(records), "rows_kept": len(rows),
         "rows_dropped": sum(dropped.values()), "dropped": {reason: dropped[reason] for reason in REASONS[cfg.shape]},
-        "dropped_examples": examples,
+        "dropped_examples": examples, "membership": membership_of(cfg), "since_last_run": since,
     }  # fmt: skip
     for name in SPLITS:
         summary[name] = {"n": len(splits[name]), "sha256": hashes[name]}
@@ -314,6 +348,9 @@ def run(params: Params, paths: Paths) -> Result:
     write_json(paths.data_metrics, summary)
     sizes = {name: len(splits[name]) for name in SPLITS}
     print(f"{len(records)} rows in, {len(rows)} kept, {summary['rows_dropped']} dropped; splits {sizes}")
+    if "test" in since:
+        test = since["test"]
+        print(f"test set since the last run: {test['kept']} kept, {test['added']} added, {test['removed']} removed")
     return Result(rows_in=len(records), dropped=dict(dropped), sizes=sizes)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from stages.common.config import PRICE, Params
 from stages.common.paths import Paths
 from stages.record_run import rescorer
+from stages.tracking import history
 from stages.tracking.names import ADAPTER_TEST_METRICS, adapter_test_metrics
 from stages.tracking.registry import (
     TEST_HASH_TAG,
@@ -20,6 +21,7 @@ from stages.tracking.registry import (
     create_version,
     find_version,
     logged_rows,
+    logged_test_set,
     register_adapter,
 )
 from stages.tracking.runs import experiment_id, git_tags, log_metrics, source_tags
@@ -115,8 +117,10 @@ def gate_best(client, paths: Paths, params: Params, best: Outcome, parent: str) 
         decision = register_adapter(
             client, params.tracking, best.run_id, downloaded_adapter(client, best.run_id, folder),
             run.data.params.get("data.shape", PRICE), logged_rows(client, run) or [],
-            run.data.tags.get(TEST_HASH_TAG), rescorer(params, paths, client), logged_model(client, run),
+            logged_test_set(client, run), rescorer(params, paths, client), logged_model(client, run),
         )  # fmt: skip
+    if decision["new_version"]:
+        history.publish(client, params.tracking, best.run_id)
     tags = {"best_trial": best.trial.name, "version": decision["version"], "alias": decision["alias"] or "none"}
     for key, value in {**tags, "reason": decision["reason"]}.items():
         client.set_tag(parent, f"promotion.{key}", str(value))

@@ -36,7 +36,7 @@ SLOW_FIXTURES = {
 # Small enough to run every stage in seconds; shaped like the real defaults.
 TINY_PARAMS = {
     "base_model": {"source": "models/tiny-source", "hub_id": "test-org/tiny-llama"},
-    "data": {"source": "data/raw/prices.csv", "n_test": 12, "n_val": 8, "n_train": 48, "seed": 7},
+    "data": {"source": "data/raw/prices.csv", "test_fraction": 0.15, "val_fraction": 0.1, "n_train": 48, "seed": 7},
     "prompt": {"max_length": 128},
     "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
     "train": {

@@ -80,7 +80,7 @@ STOPS = [
     ("empty after cleaning", "items.csv", csv_bytes([[f"item {i}", -1] for i in range(5)]), {},
      "no rows left after cleaning (5 in, dropped {'price_not_positive': 5})"),
     ("sizes cannot be met", "items.csv", csv_bytes(good_rows()), {"n_train": 1000},
-     "90 rows after cleaning, but n_test + n_val + n_train needs 1020"),
+     "rows of the 90 left after cleaning are not test or val items, but data.n_train=1000"),
     ("unknown shape", "items.csv", csv_bytes(good_rows()), {"shape": "regression"}, "data.shape: expected one of"),
 ]  # fmt: skip
 

@@ -151,11 +151,11 @@ def expected_alias(root: Path) -> str:
     """What the promotion rule says for this workspace's predictions with no champion yet (the gate's own tests
     pin the rule itself)."""
     from stages.common.io import read_jsonl
-    from stages.tracking.gate import Gate, Items, decide
+    from stages.tracking.gate import Gate, Items, Provenance, decide
 
     rows = read_jsonl(root / "eval" / "predictions.jsonl")
     adapter, base = Items.from_rows(rows, "adapter"), Items.from_rows(rows, "base_zero_shot")
-    return decide(Gate("avg_error", greater_is_better=False), adapter, None, base, "same").alias
+    return decide(Gate("avg_error", greater_is_better=False), adapter, None, base, Provenance("same")).alias
 
 
 def make_version_1_a_poor_champion(root: Path):

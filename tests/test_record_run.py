@@ -80,7 +80,8 @@ def test_the_run_reads_as_model_training_in_the_mlflow_ui(finished_project):
     assert [(t.key, t.value) for t in test.tags] == [("mlflow.data.context", "test")]
     assert json.loads(test.dataset.source)["uri"] == "data/splits/test.jsonl"
     sections = {name.split("/", 1)[0] for name in run.data.metrics}
-    assert sections == {"eval", "data", "curves"}, sections  # no train.json or tokens.json in this fixture
+    # no train.json or tokens.json in this fixture; promotion/: the primary metric and its interval, for the history
+    assert sections == {"eval", "data", "curves", "promotion"}, sections
 
 
 def test_dvc_repro_alone_gets_its_own_run_and_a_champion(finished_project, capsys):
@@ -108,6 +109,10 @@ def test_the_decision_is_in_the_record_the_tags_the_version_and_the_runs_model_c
     assert tags["promotion.interval"] == "[360, 360]" and tags["promotion.n_items"] == "12"
     version = client.get_model_version("qlora-price-adapter", "1")
     assert version.description == record["reason"] and version.tags["promotion.improvement"] == "360"
+    history = client.get_registered_model("qlora-price-adapter").description
+    assert "| when (UTC) | rows in | test items |" in history and "| v1 promoted | v1 |" in history
+    logged = {a.path for a in client.list_artifacts(record["run_id"], "history")}
+    assert logged == {"history/history.md", "history/history.png"}
     card = client.download_artifacts(record["run_id"], "model_card/README.md", str(finished_project.root / "back"))
     text = Path(card).read_text()
     assert text.startswith("# price-adapter") and "## Promotion" in text and record["reason"] in text

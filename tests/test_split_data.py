@@ -10,22 +10,38 @@ import pytest
 
 from stages import split_data
 from stages.common.config import params_from_dict
-from stages.common.errors import InputError
+from stages.common.errors import ConfigError, InputError
 from stages.common.io import read_jsonl
 from stages.common.paths import Paths
+from stages.common.rows import row_key
+from stages.data.membership import assign
 from tests.conftest import REPO_ROOT, price_rows
+
+SIZES = {"test_fraction": 0.15, "val_fraction": 0.1, "n_train": 20}
 
 
 def run_with(project, **data):
     paths = Paths.at(project)
-    params = params_from_dict(
-        {"data": {"source": "data/raw/prices.csv", "n_test": 10, "n_val": 5, "n_train": 20, **data}}
-    )
+    params = params_from_dict({"data": {"source": "data/raw/prices.csv", **SIZES, **data}})
     return split_data.run(params, paths), paths
 
 
+def expected_sizes(rows: list[dict], **data) -> dict[str, int]:
+    """The split sizes the membership rule gives these (clean, distinct) rows."""
+    splits = assign(rows, params_from_dict({"data": {**SIZES, **data}}).data)
+    return {
+        "train": min(len(splits["train"]), SIZES["n_train"]),
+        "val": len(splits["val"]),
+        "test": len(splits["test"]),
+    }
+
+
+def keys_of(paths, name: str) -> set[str]:
+    return {row_key(row) for row in read_jsonl(paths.split(name))}
+
+
 def test_embedded_diamonds_render_real_prices(tmp_path):
-    params = params_from_dict({"data": {"n_test": 20, "n_val": 10, "n_train": 30}})
+    params = params_from_dict({"data": {"n_train": 30}})
     result = split_data.run(params, Paths.at(tmp_path))
     assert result.rows_in == 53940
     row = read_jsonl(tmp_path / "data" / "splits" / "train.jsonl")[0]
@@ -44,7 +60,7 @@ def test_local_formats(project, suffix):
         ".parquet": lambda: table.to_parquet(path),
     }[suffix]()
     result, _ = run_with(project, source=str(path), text_column="description", price_column="usd")
-    assert result.sizes == {"train": 20, "val": 5, "test": 10}
+    assert result.sizes == expected_sizes(price_rows(60))
 
 
 def test_dataset_folder_goes_through_datasets_load_dataset(project):
@@ -52,7 +68,7 @@ def test_dataset_folder_goes_through_datasets_load_dataset(project):
     folder.mkdir()
     pd.DataFrame(price_rows(50)).to_json(folder / "train.jsonl", orient="records", lines=True)
     result, _ = run_with(project, source="data/raw/hub-layout", hub_split="train")
-    assert result.rows_in == 50 and result.sizes["test"] == 10
+    assert result.rows_in == 50 and result.sizes == expected_sizes(price_rows(50))
 
 
 def test_hub_config_and_split_of_a_local_dataset_folder(project):
@@ -125,15 +141,103 @@ def test_test_set_is_frozen_when_train_size_changes(project):
     assert len(read_jsonl(paths.split("train"))) == 40
 
 
-def test_a_pinned_test_set_survives_new_rows(project):
+def append_rows(project, n: int, seed: int) -> None:
+    """`n` more distinct rows at the end of data/raw/prices.csv, as the next export would have them."""
+    raw = project / "data" / "raw" / "prices.csv"
+    more = pd.DataFrame(price_rows(n, seed=seed)).assign(text=lambda d: d["text"].str.replace("model", f"mark{seed}"))
+    pd.concat([pd.read_csv(raw), more]).to_csv(raw, index=False)
+
+
+def test_appended_rows_keep_every_test_item_and_move_no_row(project):
+    _, paths = run_with(project, n_train=-1)
+    before = {name: keys_of(paths, name) for name in ("train", "val", "test")}
+    append_rows(project, 120, seed=5)
+    run_with(project, n_train=-1)
+    after = {name: keys_of(paths, name) for name in ("train", "val", "test")}
+    for name in before:
+        assert before[name] <= after[name]  # every old row stays in its split
+    assert len(after["test"]) > len(before["test"])  # new rows join the test set too
+    since = json.loads(paths.data_metrics.read_text())["since_last_run"]
+    assert since["test"] == {"kept": len(before["test"]), "added": len(after["test"] - before["test"]), "removed": 0}
+    assert since["moved"] == 0 and since["membership_changed"] == [] and since["previous"].endswith("(on disk)")
+
+
+def test_the_split_does_not_depend_on_row_order(project):
+    _, paths = run_with(project)
+    first = {name: paths.split(name).read_bytes() for name in ("train", "val", "test")}
+    raw = project / "data" / "raw" / "prices.csv"
+    pd.read_csv(raw).iloc[::-1].to_csv(raw, index=False)
+    run_with(project)
+    assert {name: paths.split(name).read_bytes() for name in ("train", "val", "test")} == first
+
+
+def test_a_folder_source_equals_the_same_rows_as_one_file(project):
+    rows = price_rows(120, seed=3)
+    single = project / "data" / "raw" / "all.jsonl"
+    single.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    _, paths = run_with(project, source="data/raw/all.jsonl")
+    one_file = {name: paths.split(name).read_bytes() for name in ("train", "val", "test")}
+    folder = project / "data" / "raw" / "deliveries"
+    folder.mkdir()
+    pd.DataFrame(rows[:50]).to_csv(folder / "2026-12-01.csv", index=False)
+    (folder / "2026-12-02.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[50:]), encoding="utf-8")
+    result, _ = run_with(project, source="data/raw/deliveries/")
+    assert result.rows_in == 120
+    assert {name: paths.split(name).read_bytes() for name in ("train", "val", "test")} == one_file
+
+
+def test_a_bad_row_in_a_folder_is_named_by_file_and_line(project):
+    folder = project / "data" / "raw" / "deliveries"
+    folder.mkdir()
+    pd.DataFrame(price_rows(60)).to_csv(folder / "a.csv", index=False)
+    (folder / "b.jsonl").write_text('{"text": "a lamp", "price": 3}\n{"text": "broken', encoding="utf-8")
+    with pytest.raises(InputError, match=r"data/raw/deliveries/b\.jsonl:2: not valid JSON"):
+        run_with(project, source="data/raw/deliveries")
+
+
+def test_a_changed_seed_is_reported_as_a_new_test_set(project, capsys):
+    _, paths = run_with(project)
+    first = json.loads(paths.data_metrics.read_text())
+    run_with(project, seed=8)
+    second = json.loads(paths.data_metrics.read_text())
+    assert second["membership"]["fingerprint"] != first["membership"]["fingerprint"]
+    assert second["since_last_run"]["membership_changed"] == ["seed"]
+    assert second["since_last_run"]["test"]["removed"] > 0
+    assert (
+        "split membership changed since the last run (seed 42 -> 8): this is another test set"
+        in capsys.readouterr().err
+    )
+
+
+def test_the_previous_splits_are_read_back_from_dvc_when_the_outputs_were_removed(project):
+    """`dvc repro` deletes the outputs before the stage runs: the comparison comes from dvc.lock and the cache."""
+    import shutil
+
+    (project / "dvc.yaml").write_text(
+        "stages:\n  split_data:\n    cmd: python -m stages.split_data\n    deps: [data/raw]\n"
+        "    outs: [data/splits]\n    metrics: [metrics/data.json]\n",
+        encoding="utf-8",
+    )
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=project, check=True)
+    _, paths = run_with(project)
+    test_keys = keys_of(paths, "test")
+    subprocess.run([sys.executable, "-m", "dvc", "commit", "-q", "-f", "split_data"], cwd=project, check=True)
+    shutil.rmtree(paths.splits)
+    paths.data_metrics.unlink()
+    append_rows(project, 30, seed=6)
+    run_with(project)
+    since = json.loads(paths.data_metrics.read_text())["since_last_run"]
+    assert since["previous"].startswith("dvc.lock (data/splits ")
+    assert since["test"]["kept"] == len(test_keys) and since["test"]["removed"] == 0
+
+
+def test_a_pinned_test_set_is_used_as_is(project):
     _, paths = run_with(project)
     pinned = project / "data" / "raw" / "test-pinned.jsonl"
     pinned.write_bytes(paths.split("test").read_bytes())
     first_hash = json.loads(paths.data_metrics.read_text())["test"]["sha256"]
-    raw = project / "data" / "raw" / "prices.csv"
-    more = pd.DataFrame(price_rows(40, seed=5)).assign(text=lambda d: d["text"].str.replace("model", "mark"))
-    pd.concat([pd.read_csv(raw), more]).to_csv(raw, index=False)
-    assert run_with(project)[1].split("test").read_bytes() != pinned.read_bytes()  # unpinned: it moved
+    append_rows(project, 40, seed=5)
     run_with(project, test_split="data/raw/test-pinned.jsonl")
     assert paths.split("test").read_bytes() == pinned.read_bytes()
     assert json.loads(paths.data_metrics.read_text())["test"]["sha256"] == first_hash
@@ -151,15 +255,27 @@ def test_same_seed_same_split_and_hash(project):
     _, paths = run_with(project)
     first = json.loads(paths.data_metrics.read_text())
     run_with(project)
-    assert json.loads(paths.data_metrics.read_text()) == first
+    second = json.loads(paths.data_metrics.read_text())
+    assert first.pop("since_last_run") == {"previous": None} and second.pop("since_last_run")["moved"] == 0
+    assert second == first
 
 
 def test_impossible_sizes_fail_and_keep_previous_outputs(project):
     _, paths = run_with(project)
     before = paths.split("train").read_text()
-    with pytest.raises(split_data.StageError, match="needs 1015"):
+    with pytest.raises(split_data.StageError, match=r"but data\.n_train=1000; lower it"):
         run_with(project, n_train=1000)
     assert paths.split("train").read_text() == before
+
+
+def test_a_fraction_too_small_for_the_data_is_named(project):
+    with pytest.raises(split_data.StageError, match=r"data\.test_fraction=0\.0001 puts none of the 90 rows"):
+        run_with(project, test_fraction=0.0001)
+
+
+def test_the_removed_size_keys_say_what_replaces_them():
+    with pytest.raises(ConfigError, match=r"data\.n_test: replaced by data\.test_fraction"):
+        params_from_dict({"data": {"n_test": 200}})
 
 
 def test_missing_column_is_named(project):

@@ -51,6 +51,15 @@ PRIMARY_METRICS = {
 }
 
 
+# Keys that were replaced, with what to write instead: the message a params.yaml from before meets.
+RENAMED = {
+    "data.n_test": "replaced by data.test_fraction, the share of rows in the test set (a row's split now follows "
+    "from its key, so rows that arrive later never move the old ones); e.g. 200 of 45,000 rows is 0.0044",
+    "data.n_val": "replaced by data.val_fraction, the share of rows in the validation set; e.g. 40 of 45,000 rows "
+    "is 0.0009",
+}
+
+
 def one_of(default, choices: tuple):
     return field(default=default, metadata={"choices": choices})
 
@@ -67,6 +76,11 @@ def above(default, low):
 def fraction(default):
     """A number in [0, 1)."""
     return field(default=default, metadata={"low": 0, "below": 1})
+
+
+def share(default):
+    """A number in (0, 1)."""
+    return field(default=default, metadata={"above": 0, "below": 1})
 
 
 def listed(factory):
@@ -158,15 +172,17 @@ class DataConfig(Section):
     min_text_words: int = at_least(0, 0)  # price shape: fewer words (after scrubbing) drop the row; 0 = off
     max_text_words: int = at_least(0, 0)  # price shape: longer descriptions are cut to this many words; 0 = off
     balance_per_price: int = at_least(0, 0)  # price shape: at most this many rows per whole-dollar price; 0 = off
-    seed: int = 42
-    n_test: int = at_least(200, 1)
-    n_val: int = at_least(40, 1)
-    n_train: int = at_least(600, 1, or_value=-1)  # -1: every row left after test and val
+    seed: int = 42  # with the key, decides each row's split (stages/data/membership.py)
+    test_fraction: float = share(0.0044)  # of the rows: the test set (~200 of the 45,531 embedded diamonds)
+    val_fraction: float = share(0.0009)  # of the rows: validation
+    n_train: int = at_least(600, 1, or_value=-1)  # of the rest, in hash order; -1: every one
     test_split: str | None = None  # a kept copy of an earlier data/splits/test.jsonl: the test set, as is
 
     def check(self) -> None:
         if self.max_price is not None and self.max_price < self.min_price:
             self.fail("max_price", f"null or at least data.min_price={self.min_price:g}")
+        if self.test_fraction + self.val_fraction >= 1:
+            self.fail("val_fraction", "a share that leaves rows to train on, below 1 - data.test_fraction")
 
 
 @dataclass(frozen=True)
@@ -286,8 +302,15 @@ class TrackingConfig(Section):
     tracking_uri: str | None = None  # default: sqlite:///<project root>/mlflow.db
     primary_metric: str = one_of("auto", ("auto", *PRIMARY_METRICS))  # the metric that decides promotion
     min_improvement: float = at_least(0.0, 0)  # in the metric's units: the whole interval must be better by more
+    # the share of the candidate's test items the champion's logged results must cover (and that the champion
+    # did not train on) to compare on those; fewer, and the champion is re-scored on the current test set
+    min_shared: float = above(0.9, 0)
     confidence: float = field(default=0.95, metadata={"above": 0.5, "below": 1})  # of the paired interval
     bootstrap_samples: int = at_least(2000, 100)  # resamples of the test items for that interval
+
+    def check(self) -> None:
+        if self.min_shared > 1:
+            self.fail("min_shared", "a share above 0 and at most 1")
 
 
 @dataclass(frozen=True)
@@ -440,6 +463,9 @@ def section_from_dict(cls, data: dict | None, name: str):
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
+    renamed = [f"{name}.{key}: {RENAMED[f'{name}.{key}']}" for key in unknown if f"{name}.{key}" in RENAMED]
+    if renamed:
+        raise ConfigError("; ".join(renamed))
     if unknown:
         raise ConfigError(f"params section '{name}': unknown key(s) {unknown}; known keys are {sorted(known)}")
     values = {key: _coerce(value, hints[key], f"{name}.{key}") for key, value in data.items()}

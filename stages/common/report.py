@@ -106,7 +106,26 @@ def data_markdown(data: dict) -> str:
             lines.append(f"| {reason} | {count:,} | {first} |")
     lines += ["", "| split | rows | sha256 |", "|---|---:|---|"]
     lines += [f"| {name} | {data[name]['n']:,} | `{data[name]['sha256']}` |" for name in ("train", "val", "test")]
-    return "\n".join(lines)
+    return "\n".join([*lines, "", since_last_run_markdown(data)])
+
+
+def since_last_run_markdown(data: dict) -> str:
+    """What metrics/data.json says changed in the splits since the previous run, in a sentence or two."""
+    since = data.get("since_last_run") or {}
+    rule = data.get("membership", {})
+    if not since.get("previous"):
+        return "First split of this workspace: no earlier test set to compare with."
+    test = since["test"]
+    text = (
+        f"Test set since the last run: {test['kept']:,} items kept, {test['added']:,} added, {test['removed']:,} "
+        f"removed; {since['moved']:,} rows moved between splits."
+    )
+    if since.get("membership_changed"):
+        text += (
+            f" **Split membership changed** ({', '.join(since['membership_changed'])}; now fingerprint "
+            f"`{rule.get('fingerprint', '?')}`): this is another test set, so the gate re-scores the champion on it."
+        )
+    return text
 
 
 def promotion_markdown(record: dict) -> str:

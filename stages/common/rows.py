@@ -9,6 +9,7 @@ A split file's shape follows from its rows' fields (`split_shape`), so the split
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 
 from stages.common.config import CHAT, PAIR, PRICE
@@ -16,6 +17,11 @@ from stages.common.errors import InputError
 
 ROLES = ("system", "user", "assistant")
 TARGET_FIELD = {PRICE: "price", PAIR: "completion", CHAT: "messages"}  # named when a target does not fit
+KEY_RULES = {  # what `row_key` is, in words, for metrics/data.json: a change of it is a new test set
+    PRICE: "text, lower-cased, whitespace collapsed",
+    PAIR: "prompt, lower-cased, whitespace collapsed",
+    CHAT: "role: content of every turn but the last, lower-cased, whitespace collapsed",
+}
 
 
 def normalise(text: str) -> str:
@@ -65,6 +71,12 @@ def row_key(row: dict) -> str:
     if shape == PAIR:
         return normalise(row["prompt"])
     return normalise(" ".join(f"{turn['role']}: {turn['content']}" for turn in row["messages"][:-1]))
+
+
+def key_digest(key: str) -> str:
+    """A short stable digest of a row key (64 bits): how runs record which rows they trained on and how the
+    gate pairs items, without storing the texts."""
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def reference(row: dict, shape: str) -> str:

@@ -4,8 +4,9 @@
   part-number-like words (7+ characters with a digit, e.g. "B07XJ8C8F5"), which cost tokens and teach
   nothing about the price.
 - `cap_words`: cut a description to its first N words (`data.max_text_words`).
-- `balanced`: keep at most N rows per whole-dollar price (`data.balance_per_price`), seeded, so the many
-  cheap items do not swamp the training set.
+- `balanced`: keep at most N rows per whole-dollar price (`data.balance_per_price`), so the many cheap
+  items do not swamp the training set: those with the lowest seeded hash of their key, so which rows are kept
+  does not depend on the order they arrive in, and a row kept stays kept when rows of other prices arrive.
 Words, not tokens: split_data runs before (and without) the base model's tokenizer, so a change of base
 model does not re-split the data. For English text a word is about 1.3 Llama tokens.
 """
@@ -14,6 +15,9 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+
+from stages.common.rows import row_key
+from stages.data.membership import position
 
 PART_NUMBER_MIN_CHARS = 7
 _PUNCTUATION = re.compile(r'[:\[\]"{}【】\s]+')
@@ -39,16 +43,10 @@ def cap_words(text: str, max_words: int) -> str:
 
 
 def balanced(rows: list[dict], per_price: int, seed: int) -> list[dict]:
-    """At most `per_price` rows for each whole-dollar price (a seeded sample where there are more), in
+    """At most `per_price` rows for each whole-dollar price (those whose key hashes lowest with `seed`), in
     their original order."""
-    import numpy as np
-
-    buckets: dict[int, list[int]] = defaultdict(list)
+    buckets: dict[int, list[tuple[float, int]]] = defaultdict(list)
     for index, row in enumerate(rows):
-        buckets[round(row["price"])].append(index)
-    rng = np.random.default_rng(seed)
-    keep: set[int] = set()
-    for price in sorted(buckets):
-        members = buckets[price]
-        keep.update(members if len(members) <= per_price else rng.choice(members, per_price, replace=False).tolist())
+        buckets[round(row["price"])].append((position(row_key(row), seed), index))
+    keep = {index for members in buckets.values() for _, index in sorted(members)[:per_price]}
     return [row for index, row in enumerate(rows) if index in keep]

@@ -2,11 +2,12 @@
 
 `read_records(cfg, root)` returns the source's label and a list of `Record`s (where the row came from,
 and its values by column name). Local files are read with the standard library (CSV, TSV, JSONL, JSON)
-or pyarrow (Parquet) so each row keeps its line number; a Hub dataset id, or a local folder in Hub
-layout, goes through `datasets.load_dataset` (config, split and revision from params). Structural
-problems stop with an `InputError`: a missing or empty file, an unknown extension, content that is not
-what the extension says, text that is not UTF-8, a broken JSON line, a CSV row with the wrong number of
-fields, no data rows. Problems with single values (a bad price, empty text) are for the caller to judge.
+or pyarrow (Parquet) so each row keeps its line number; a folder of such files (one per delivery, say) is
+read file by file in name order; a Hub dataset id, or a local folder in Hub layout, goes through
+`datasets.load_dataset` (config, split and revision from params). Structural problems stop with an
+`InputError`: a missing or empty file, an unknown extension, content that is not what the extension says,
+text that is not UTF-8, a broken JSON line, a CSV row with the wrong number of fields, no data rows.
+Problems with single values (a bad price, empty text) are for the caller to judge.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import csv
 import importlib.metadata
 import io
 import json
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,15 +190,46 @@ def read_hub(cfg: DataConfig, source: str) -> list[Record]:
     return [Record(f"{label} row {number}", row) for number, row in enumerate(dataset.to_list(), start=1)]
 
 
+HUB_LAYOUT_MARKERS = ("README.md", "dataset_infos.json", "dataset_dict.json", "dataset_info.json")
+HUB_SPLIT_NAME = re.compile(r"(train|test|validation|valid|dev|eval)([-_.].*)?", re.IGNORECASE)
+
+
+def delivery_files(folder: Path) -> list[Path]:
+    """The data files of a delivery folder (every supported file at its top level, by name), or [] when it is
+    in Hub layout: a dataset card (README.md), a loading script, `save_to_disk` metadata, data only in
+    subfolders, or files named after splits (train.jsonl, test-00000.parquet), as `datasets` reads them."""
+    if any((folder / marker).exists() for marker in HUB_LAYOUT_MARKERS) or any(folder.glob("*.py")):
+        return []
+    files = sorted(
+        (path for path in folder.iterdir() if path.is_file() and path.suffix.lower() in FORMATS),
+        key=lambda path: path.name,
+    )
+    return [] if any(HUB_SPLIT_NAME.fullmatch(path.name.split(".")[0]) for path in files) else files
+
+
+def read_folder(folder: Path, name: str) -> list[Record]:
+    """The records of every file in a delivery folder, file after file in name order (so `2026-12-01.jsonl`
+    before `2026-12-02.jsonl`), each named as `<name>/<file>` in messages. Files of other kinds are skipped
+    with a warning naming them."""
+    skipped = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() not in FORMATS)
+    skipped = [entry for entry in skipped if not entry.startswith(".")]
+    if skipped:
+        print(f"[split_data] warning: {name}: skipped {skipped}: not one of {', '.join(FORMATS)}", file=sys.stderr)
+    return [record for path in delivery_files(folder) for record in read_local(path, f"{name.rstrip('/')}/{path.name}")]
+
+
 def read_records(cfg: DataConfig, root: Path) -> tuple[str, list[Record]]:
-    """(label, records) of data.source: the embedded default, a local file or folder, or a Hub id.
+    """(label, records) of data.source: the embedded default, a local file, a folder of delivery files, a
+    local folder in Hub layout, or a Hub id.
 
     Relative paths are under `root`. InputError when the source holds no rows at all.
     """
     if cfg.source == EMBEDDED_DIAMONDS:
         return cfg.source, read_diamonds()
     path = root / cfg.source
-    if path.is_dir():
+    if path.is_dir() and delivery_files(path):
+        label, records = cfg.source, read_folder(path, cfg.source)
+    elif path.is_dir():
         label, records = cfg.source, read_hub(cfg, str(path))
     elif path.suffix.lower() in FORMATS or path.exists():
         label, records = cfg.source, read_local(path, cfg.source)

@@ -20,6 +20,7 @@ from stages.common.generation import build_prompts, generate, parse_price, singl
 from stages.common.metrics import GREEN, ORANGE, band, price_metrics
 from stages.common.modeling import load_adapter_model, load_tokenizer
 from stages.common.paths import Paths
+from stages.common.rows import key_digest, row_key
 from stages.evaluation.baselines import mean_price, tfidf_ridge
 
 MIN_SINGLE_TOKEN_SHARE = 0.95  # the top-k estimate needs nearly every price to be one token
@@ -69,14 +70,14 @@ def predict_prices(
 
 
 def prediction_rows(test: list[dict], adapter_out: list[str], base_out: list[str] | None = None) -> list[dict]:
-    """One row per test item: text, truth, raw outputs, parsed predictions and the adapter's band (the base's
-    fields are None when it was not run)."""
+    """One row per test item: its key's digest (what the gate pairs items by), text, truth, raw outputs, parsed
+    predictions and the adapter's band (the base's fields are None when it was not run)."""
     rows = []
     for index, item in enumerate(test):
         guess = parse_price(adapter_out[index])
         base_text = base_out[index] if base_out is not None else None
         rows.append({
-            "text": item["text"], "truth": item["price"],
+            "key": key_digest(row_key(item)), "text": item["text"], "truth": item["price"],
             "adapter_output": adapter_out[index], "adapter_prediction": guess,
             "band": band(item["price"], guess or 0.0),
             "base_output": base_text, "base_prediction": parse_price(base_text) if base_text is not None else None,

@@ -17,7 +17,7 @@ from stages.common.generation import completion_losses, generate
 from stages.common.metrics import text_metrics
 from stages.common.modeling import load_adapter_model, load_tokenizer
 from stages.common.paths import Paths
-from stages.common.rows import reference
+from stages.common.rows import key_digest, reference, row_key
 from stages.common.shapes import encode_rows, generation_prompt, require_chat_template
 
 MODELS = ("adapter", "base_zero_shot")
@@ -58,12 +58,16 @@ def predict_text(
     return prompts, outputs, losses, speed
 
 
-def text_rows(prompts: list[str], references: list[str], outputs: dict, losses: dict) -> list[dict]:
-    """One row per test item: prompt, reference, its completion token count, and per model scored its
-    output, exact match and mean loss per completion token."""
+def text_rows(test: list[dict], shape: str, prompts: list[str], outputs: dict, losses: dict) -> list[dict]:
+    """One row per test item: its key's digest (what the gate pairs items by), prompt, reference, its
+    completion token count, and per model scored its output, exact match and mean loss per completion token."""
     rows = []
-    for index, (prompt, expected) in enumerate(zip(prompts, references, strict=True)):
-        row = {"prompt": prompt, "reference": expected, "completion_tokens": losses["adapter"][index][1]}
+    for index, (item, prompt) in enumerate(zip(test, prompts, strict=True)):
+        expected = reference(item, shape)
+        row = {
+            "key": key_digest(row_key(item)), "prompt": prompt, "reference": expected,
+            "completion_tokens": losses["adapter"][index][1],
+        }  # fmt: skip
         for model in outputs:
             total, tokens = losses[model][index]
             row[f"{model}_output"] = outputs[model][index]
@@ -81,7 +85,7 @@ def score_text(params: Params, paths: Paths, shape: str, test: list[dict]) -> tu
     for model in MODELS:
         metrics[model] = text_metrics(losses[model], outputs[model], references)
     metrics["items_per_second"] = round(speed, 3)
-    return metrics, text_rows(prompts, references, outputs, losses)
+    return metrics, text_rows(test, shape, prompts, outputs, losses)
 
 
 def item_lines(rows: list[dict]) -> list[str]:

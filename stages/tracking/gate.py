@@ -10,10 +10,17 @@ what the margin is written in and what a person reads; and because it handles me
 of per-item values (RMSLE is a root, R² a ratio, the text loss a token-weighted mean) by recomputing them
 on each resample. The resamples are seeded, so the same results always give the same decision.
 
+Items are paired by their key, never by position, and never compared on an item either model trained on:
+each run records the key digests of its train and val rows (`Provenance.trained_on`). When the champion was
+scored on another test set (rows added or removed since), it is compared on the items both were scored on
+while they are at least `tracking.min_shared` of the candidate's; with fewer (the data grew a lot, or the
+membership rule changed) the registry re-scores the champion's logged adapter on the current test set
+(`needs_rescore`) and it is compared on all of it it did not train on.
+
 `decide(...)` is the rule, with no MLflow and no files: it takes per-item results (`Items`) of the candidate,
 the champion (or, with none yet, the base model zero-shot) and returns a `Decision` whose `reason` says the
-improvement, its interval, the number of items and the confidence in words
-("avg_error better by $41 [-$12, $97] over 200 items: not shown at 95%").
+improvement, its interval, which items were compared and how, and the confidence in words ("avg_error 95.2
+vs 120.1 for champion v3: better by $25 [-$12, $61] on the 212 items both were scored on: not shown at 95%").
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from dataclasses import dataclass
 
 from stages.common.config import PRICE, PRIMARY_METRICS
 from stages.common.metrics import GREEN, band
+from stages.common.rows import key_digest, normalise
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -41,6 +49,7 @@ class Gate:
     confidence: float = 0.95
     samples: int = 2000
     seed: int = 0
+    min_shared: float = 0.9  # of the candidate's test items, to compare on without re-scoring the champion
 
     @classmethod
     def from_params(cls, cfg, shape: str) -> Gate:
@@ -49,7 +58,10 @@ class Gate:
         metric = cfg.primary_metric
         if metric == "auto":
             metric = "avg_error" if shape == PRICE else "loss"
-        return cls(metric, PRIMARY_METRICS[metric][1], cfg.min_improvement, cfg.confidence, cfg.bootstrap_samples)
+        return cls(
+            metric, PRIMARY_METRICS[metric][1], cfg.min_improvement, cfg.confidence, cfg.bootstrap_samples,
+            min_shared=cfg.min_shared,
+        )  # fmt: skip
 
     def improvement(self, new, old):
         """How much `new` is better than `old` (negative when worse); works on arrays too."""
@@ -70,7 +82,7 @@ class Items:
     for prices the truth and the parsed prediction (None when the output had no number, scored as $0); for
     text the mean loss per completion token, the completion's token count and whether the output matched."""
 
-    keys: tuple[str, ...]  # each item's description or prompt: pairs the items of two models
+    keys: tuple[str, ...]  # each item's key digest (stages/common/rows.py): pairs the items of two models
     truth: tuple[float, ...] = ()
     prediction: tuple[float | None, ...] = ()
     loss: tuple[float, ...] = ()
@@ -84,16 +96,27 @@ class Items:
         if rows and "truth" in rows[0]:
             field = "adapter_prediction" if model == "adapter" else "base_prediction"
             return cls(
-                keys=tuple(r["text"] for r in rows),
+                keys=tuple(item_key(r, "text") for r in rows),
                 truth=tuple(float(r["truth"]) for r in rows),
                 prediction=tuple(r[field] for r in rows),
             )
         return cls(
-            keys=tuple(r["prompt"] for r in rows),
+            keys=tuple(item_key(r, "prompt") for r in rows),
             loss=tuple(float(r[f"{model}_loss"]) for r in rows),
             tokens=tuple(int(r["completion_tokens"]) for r in rows),
             exact=tuple(bool(r[f"{model}_exact"]) for r in rows),
         )
+
+    def subset(self, keys: list[str]) -> Items:
+        """These items' results for `keys`, in that order."""
+        where = {key: index for index, key in enumerate(self.keys)}
+        pick = [where[key] for key in keys]
+
+        def take(values: tuple) -> tuple:
+            return tuple(values[i] for i in pick) if values else ()
+
+        fields = ("truth", "prediction", "loss", "tokens", "exact")
+        return Items(tuple(keys), *(take(getattr(self, name)) for name in fields))
 
     def problem(self, metric: str) -> str | None:
         """Why `metric` cannot be computed from these items, or None."""
@@ -106,6 +129,12 @@ class Items:
         if not all(math.isfinite(v) for v in numbers):
             return "a per-item result that is NaN or infinite"
         return None
+
+
+def item_key(row: dict, text_field: str) -> str:
+    """A prediction row's key digest; rows written before it was recorded use their text's (the same digest
+    for prices and prompt/completion rows, whose key is the normalised text)."""
+    return row.get("key") or key_digest(normalise(row[text_field]))
 
 
 def _price_arrays(items: Items) -> dict:
@@ -179,8 +208,20 @@ def metric_on(metric: str, items: Items, idx):
 
 
 @dataclass(frozen=True)
+class Provenance:
+    """What a model was scored and trained on: the test split's sha256, the fingerprint of the membership rule
+    that chose it (stages/data/membership.py), and the key digests of the rows it trained on (train and val;
+    None for a run recorded before runs logged them)."""
+
+    sha256: str | None
+    membership: str | None = None
+    trained_on: frozenset[str] | None = None
+
+
+@dataclass(frozen=True)
 class Comparison:
-    """The candidate against a reference on the same items: both values, the improvement, its interval."""
+    """The candidate against a reference on the same items: both values, the improvement, its interval, and
+    which items were compared and how (`basis`, in words)."""
 
     metric: str
     against: str  # "champion v3" or "the base model zero-shot (no champion yet)"
@@ -192,6 +233,7 @@ class Comparison:
     n_items: int
     confidence: float
     min_improvement: float
+    basis: str = ""  # "on the 212 items both were scored on"; default "over <n_items> items"
 
     def record(self) -> dict:
         return {
@@ -205,28 +247,56 @@ class Comparison:
             "n_items": self.n_items,
             "confidence": self.confidence,
             "min_improvement": self.min_improvement,
+            "basis": self.basis or f"over {self.n_items} items",
         }
 
 
-def paired_comparison(gate: Gate, candidate: Items, reference: Items, against: str) -> Comparison:
+def resamples(gate: Gate, n: int):
+    """`gate.samples` seeded bootstrap resamples of n items, as index arrays of at most CHUNK rows each."""
+    import numpy as np
+
+    rng = np.random.default_rng(gate.seed)
+    for start in range(0, gate.samples, CHUNK):
+        yield rng.integers(0, n, size=(min(CHUNK, gate.samples - start), n))
+
+
+def central(gate: Gate, values: list) -> tuple[float, float]:
+    """The central `gate.confidence` percentile interval of bootstrap values (arrays of chunks)."""
+    import numpy as np
+
+    tail = (1 - gate.confidence) / 2
+    low, high = np.quantile(np.concatenate(values), [tail, 1 - tail])
+    return float(low), float(high)
+
+
+def paired_comparison(gate: Gate, candidate: Items, reference: Items, against: str, basis: str = "") -> Comparison:
     """The improvement of `candidate` over `reference` (paired items, same order) and its central
     `gate.confidence` percentile-bootstrap interval over `gate.samples` seeded resamples of the items."""
     import numpy as np
 
-    n = len(candidate.keys)
-    whole = np.arange(n)[None, :]
+    whole = np.arange(len(candidate.keys))[None, :]
     new, old = float(metric_on(gate.metric, candidate, whole)[0]), float(metric_on(gate.metric, reference, whole)[0])
-    rng = np.random.default_rng(gate.seed)
-    gains = []
-    for start in range(0, gate.samples, CHUNK):
-        idx = rng.integers(0, n, size=(min(CHUNK, gate.samples - start), n))
-        gains.append(gate.improvement(metric_on(gate.metric, candidate, idx), metric_on(gate.metric, reference, idx)))
-    tail = (1 - gate.confidence) / 2
-    low, high = np.quantile(np.concatenate(gains), [tail, 1 - tail])
+    gains = [
+        gate.improvement(metric_on(gate.metric, candidate, idx), metric_on(gate.metric, reference, idx))
+        for idx in resamples(gate, len(candidate.keys))
+    ]
+    low, high = central(gate, gains)
     return Comparison(
-        gate.metric, against, new, old, gate.improvement(new, old), float(low), float(high), n, gate.confidence,
-        gate.min_improvement,
+        gate.metric, against, new, old, gate.improvement(new, old), low, high, len(candidate.keys), gate.confidence,
+        gate.min_improvement, basis,
     )  # fmt: skip
+
+
+def metric_interval(gate: Gate, items: Items) -> dict[str, float] | None:
+    """{"value", "low", "high"}: the primary metric of `items` and its central `gate.confidence` bootstrap
+    interval (what the history shows for each run); None when it cannot be computed."""
+    import numpy as np
+
+    if items.problem(gate.metric):
+        return None
+    value = float(metric_on(gate.metric, items, np.arange(len(items.keys))[None, :])[0])
+    low, high = central(gate, [metric_on(gate.metric, items, idx) for idx in resamples(gate, len(items.keys))])
+    return {"value": value, "low": low, "high": high}
 
 
 @dataclass(frozen=True)
@@ -242,14 +312,21 @@ class Decision:
 
 @dataclass(frozen=True)
 class Champion:
-    """The version holding the `champion` alias: its number, the test set it was scored on, and its per-item
-    results (None when they could not be had, with `missing` saying why)."""
+    """The version holding the `champion` alias: its number, what it was scored and trained on, and its
+    per-item results (None when they could not be had, with `missing` saying why): those logged with it, or,
+    `rescored`, its adapter's results on the candidate's test set."""
 
     version: str
-    test_sha256: str | None
+    test: Provenance
     items: Items | None
     missing: str = ""
     label: str = ""  # how the reason names it; default "champion v<version>"
+    rescored: bool = False
+    run_id: str = ""  # the run that recorded it (where its adapter is logged)
+
+    @property
+    def name(self) -> str:
+        return self.label or f"champion v{self.version}"
 
 
 def verdict(gate: Gate, c: Comparison) -> tuple[bool, str]:
@@ -257,10 +334,11 @@ def verdict(gate: Gate, c: Comparison) -> tuple[bool, str]:
     level = f"{c.confidence:.0%}"
     interval = f"[{gate.amount(c.low)}, {gate.amount(c.high)}]"
     numbers = f"{gate.metric} {c.candidate:,.4g} vs {c.reference:,.4g} for {c.against}"
+    basis = c.basis or f"over {c.n_items} items"
     if c.low == c.high == c.improvement == 0:
-        return False, f"{numbers}: equal on all {c.n_items} items, not better"
+        return False, f"{numbers}: equal {basis}, not better"
     direction = "better" if c.improvement > 0 else "worse"
-    said = f"{numbers}: {direction} by {gate.amount(abs(c.improvement))} {interval} over {c.n_items} items"
+    said = f"{numbers}: {direction} by {gate.amount(abs(c.improvement))} {interval} {basis}"
     if c.low > gate.min_improvement:
         margin = (
             f", more than tracking.min_improvement={gate.amount(gate.min_improvement)}" if gate.min_improvement else ""
@@ -276,38 +354,84 @@ def verdict(gate: Gate, c: Comparison) -> tuple[bool, str]:
     return False, f"{said}: not shown at {level}"
 
 
-def decide(
-    gate: Gate, candidate: Items, champion: Champion | None, base: Items | None, test_sha256: str | None
-) -> Decision:
+def compared_keys(gate: Gate, candidate: Items, champion: Champion, test: Provenance) -> tuple[list[str] | None, str]:
+    """(the candidate's test items to compare with the champion on, how they were chosen in words), or (None,
+    why none can be): the items the champion has results for and did not train on, when they are at least
+    `gate.min_shared` of the candidate's; a champion whose run does not say what it trained on, only on the
+    very test set it was scored on."""
+    against = champion.name
+    if champion.items is None or champion.items.problem(gate.metric):
+        why = champion.missing or champion.items.problem(gate.metric)
+        return None, f"{against} cannot be compared item by item ({why})"
+    scored = set(champion.items.keys)
+    n = len(candidate.keys)
+    if champion.test.trained_on is None:
+        if not champion.rescored and champion.test.sha256 != test.sha256:
+            return None, (
+                f"{against} was scored on another test set ({(champion.test.sha256 or 'unknown')[:12]} vs "
+                f"{(test.sha256 or 'unknown')[:12]}) and its run does not record which rows it trained on, so no "
+                "item is known to be new to it: no comparison possible; promote by hand"
+            )
+        if scored != set(candidate.keys):
+            return None, f"{against} was scored on other test items: no comparison possible"
+        return list(candidate.keys), f"on the {n} items both were scored on"
+    unseen = [key for key in candidate.keys if key not in champion.test.trained_on]
+    keys = [key for key in unseen if key in scored]
+    if len(keys) < gate.min_shared * n:
+        return None, (
+            f"only {len(keys)} of the {n} current test items can be compared with {against} ({n - len(unseen)} it "
+            f"trained on, {len(unseen) - len(keys)} it was not scored on), fewer than tracking.min_shared="
+            f"{gate.min_shared:g} of them"
+        )
+    basis = (
+        f"on the current {len(keys)} items, {against} re-scored from its logged adapter"
+        if champion.rescored
+        else f"on the {len(keys)} items both were scored on"
+    )
+    trained = n - len(unseen)
+    return keys, f"{basis} ({trained} it trained on left out)" if trained else basis
+
+
+def needs_rescore(gate: Gate, candidate: Items, champion: Champion | None, test: Provenance) -> str | None:
+    """Why the champion's logged results cannot be compared with the candidate's and re-scoring its adapter
+    on the current test set could fix that, or None (comparable as it is, or re-scoring would not help)."""
+    if champion is None or champion.rescored:
+        return None
+    keys, why = compared_keys(gate, candidate, champion, test)
+    if keys is not None:
+        return None
+    known = champion.test.trained_on is not None or champion.test.sha256 == test.sha256
+    return why if known else None
+
+
+def decide(gate: Gate, candidate: Items, champion: Champion | None, base: Items | None, test: Provenance) -> Decision:
     """The alias a new version gets and why: `champion` when its paired improvement over the current champion
     (or, with none yet, over the base model zero-shot on the same items) is shown at `gate.confidence` and
     exceeds `gate.min_improvement` over the whole interval; `challenger` otherwise, or whenever the results
-    cannot be compared (a champion scored on another test set or on other items, missing or NaN results)."""
+    cannot be compared (`compared_keys`; missing or NaN results; a test item the candidate trained on).
+    Items are paired by key, in any order, and never on an item either model trained on."""
     problem = candidate.problem(gate.metric)
     if problem:
         return Decision(CHALLENGER, f"the candidate has {problem}: nothing to compare, so no promotion")
+    leaked = [key for key in candidate.keys if test.trained_on and key in test.trained_on]
+    if leaked:
+        return Decision(
+            CHALLENGER,
+            f"{len(leaked)} of the candidate's {len(candidate.keys)} test items are in its own training data: the "
+            "test set leaked, so no promotion; re-run split_data",
+        )
     if champion is None:
         if base is None or base.problem(gate.metric):
             why = base.problem(gate.metric) if base is not None else "no base-model results"
             return Decision(CHALLENGER, f"no champion yet and the base model zero-shot has {why}: no promotion")
         return _compared(gate, candidate, base, "the base model zero-shot (no champion yet)")
-    against = champion.label or f"champion v{champion.version}"
-    if champion.test_sha256 != test_sha256:
-        return Decision(
-            CHALLENGER,
-            f"{against} was scored on another test set ({(champion.test_sha256 or 'unknown')[:12]} vs "
-            f"{(test_sha256 or 'unknown')[:12]}): no comparison possible, so no promotion; pin the test set "
-            "(data.test_split) or promote by hand",
-        )
-    if champion.items is None or champion.items.problem(gate.metric):
-        why = champion.missing or champion.items.problem(gate.metric)
-        return Decision(CHALLENGER, f"{against} cannot be compared item by item ({why}), so no promotion")
-    if champion.items.keys != candidate.keys:
-        return Decision(CHALLENGER, f"{against} was scored on other test items: no comparison possible")
-    return _compared(gate, candidate, champion.items, against)
+    keys, basis = compared_keys(gate, candidate, champion, test)
+    if keys is None:
+        return Decision(CHALLENGER, f"{basis}, so no promotion")
+    return _compared(gate, candidate.subset(keys), champion.items.subset(keys), champion.name, basis)
 
 
-def _compared(gate: Gate, candidate: Items, reference: Items, against: str) -> Decision:
-    comparison = paired_comparison(gate, candidate, reference, against)
+def _compared(gate: Gate, candidate: Items, reference: Items, against: str, basis: str = "") -> Decision:
+    comparison = paired_comparison(gate, candidate, reference, against, basis)
     promote, reason = verdict(gate, comparison)
     return Decision(CHAMPION if promote else CHALLENGER, reason, comparison)

@@ -21,17 +21,24 @@ import hashlib
 import json
 import tempfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from stages.common.errors import StageError
 from stages.common.paths import Paths
-from stages.tracking.gate import Champion, Decision, Gate, Items, decide
+from stages.tracking.gate import Champion, Decision, Gate, Items, Provenance, decide, metric_interval, needs_rescore
 
 TEST_HASH_TAG = "data.test_sha256"
 ADAPTER_HASH_TAG = "adapter.sha256"
 PER_ITEM_TAG = "eval.per_item"  # the run artifact holding the version's per-item test results
 PER_ITEM_ARTIFACT = Paths.predictions.relative  # logged under its path in the workspace
 LEGACY_PER_ITEM_ARTIFACT = "predictions.jsonl"  # where runs recorded before the tag logged them
+MEMBERSHIP_TAG = "data.membership"  # the fingerprint of the split membership rule (metrics/data.json)
+TRAINED_ON_TAG = "data.trained_on"  # the run artifact listing the key digests of its train and val rows
+TRAINED_ON_ARTIFACT = "data/trained_on.txt"
+CHAMPION_AFTER_TAG = "registry.champion_after"  # the version holding `champion` once this run's gate decided
+PRIMARY_METRIC_PREFIX = "promotion/primary_"  # + value, low, high: the candidate's primary metric, its interval
+PRIMARY_METRIC_TAG = "promotion.primary_metric"  # which metric those are
 
 # Re-scores a champion without usable per-item results: (run id of its version) -> prediction rows, or None
 # when the base model or the test split is not at hand.
@@ -84,25 +91,44 @@ def champion_items(rows: list[dict] | None, metric: str) -> tuple[Items | None, 
     return (None, f"its logged per-item results have {problem}") if problem else (items, "")
 
 
-def current_champion(
-    client, model_name: str, metric: str, test_sha256: str | None, rescore: Rescore | None = None
-) -> Champion | None:
-    """The version holding `champion`, its test-set hash and its per-item results: logged ones, else, when it
-    was scored on this test set (`test_sha256`), re-scored with `rescore` where possible, else none (with why)."""
+def logged_test_set(client, run) -> Provenance:
+    """What `run` was scored and trained on, from its tags and its trained-on artifact (`trained_on` None for
+    a run recorded before that artifact existed, or whose artifact cannot be read)."""
+    from mlflow.exceptions import MlflowException
+
+    tags = run.data.tags
+    trained_on = None
+    if TRAINED_ON_TAG in tags:
+        with tempfile.TemporaryDirectory(prefix="trained-on-") as folder:
+            try:
+                local = client.download_artifacts(run.info.run_id, tags[TRAINED_ON_TAG], folder)
+                trained_on = frozenset(Path(local).read_text(encoding="utf-8").split())
+            except (MlflowException, OSError):
+                trained_on = None
+    return Provenance(tags.get(TEST_HASH_TAG), tags.get(MEMBERSHIP_TAG), trained_on)
+
+
+def current_champion(client, model_name: str, metric: str) -> Champion | None:
+    """The version holding `champion`: what it was scored and trained on and its logged per-item results."""
     found = champion_run(client, model_name)
     if found is None:
         return None
     version, run = found
     items, missing = champion_items(logged_rows(client, run), metric)
-    if items is None and rescore is not None and run.data.tags.get(TEST_HASH_TAG) == test_sha256:
-        rows = rescore(run.info.run_id)
-        if rows is None:
-            missing += "; re-scoring it needs the base model and the test split here"
-        else:
-            items, why = champion_items(rows, metric)
-            missing = f"{missing}; re-scored from its logged adapter" if items else f"{missing}; re-scored: {why}"
-            print(f"champion v{version.version}: {missing}")
-    return Champion(str(version.version), run.data.tags.get(TEST_HASH_TAG), items, missing)
+    return Champion(str(version.version), logged_test_set(client, run), items, missing, run_id=run.info.run_id)
+
+
+def rescored(champion: Champion, why: str, metric: str, rescore: Rescore) -> Champion:
+    """`champion` with its adapter's results on this workspace's test set (`rescored`), or as it was, its
+    `missing` saying why, when that cannot be done here."""
+    rows = rescore(champion.run_id)
+    if rows is None:
+        return replace(champion, missing=f"{why}; re-scoring it needs the base model and the test split here")
+    items, problem = champion_items(rows, metric)
+    if items is None:
+        return replace(champion, missing=f"{why}; re-scored, but {problem}")
+    print(f"{champion.name}: {why}; re-scored from its logged adapter on the current {len(items.keys)} test items")
+    return replace(champion, items=items, missing="", rescored=True)
 
 
 def find_version(client, model_name: str, sha256: str):
@@ -114,7 +140,7 @@ def find_version(client, model_name: str, sha256: str):
 
 
 def decision_tags(decision: Decision) -> dict[str, str]:
-    """The decision as tags (run and version): the alias, the reason, and the comparison's numbers."""
+    """The decision as tags (run and version): the alias, the reason, and the comparison's numbers and basis."""
     tags = {
         "promotion.alias": decision.alias,
         "promotion.promoted": str(decision.promoted),
@@ -126,7 +152,7 @@ def decision_tags(decision: Decision) -> dict[str, str]:
             "promotion.metric": c.metric, "promotion.against": c.against,
             "promotion.improvement": f"{c.improvement:.6g}", "promotion.interval": f"[{c.low:.6g}, {c.high:.6g}]",
             "promotion.n_items": str(c.n_items), "promotion.confidence": f"{c.confidence:g}",
-            "promotion.min_improvement": f"{c.min_improvement:g}",
+            "promotion.min_improvement": f"{c.min_improvement:g}", "promotion.basis": c.record()["basis"],
         })  # fmt: skip
     return tags
 
@@ -138,17 +164,19 @@ def register_adapter(
     adapter_dir: Path,
     shape: str,
     rows: list[dict],
-    test_sha256: str | None,
+    test: Provenance,
     rescore: Rescore | None = None,
     model=None,
 ) -> dict:
     """Register the adapter logged under `adapter` in run `run_id` and apply the promotion gate of params
-    `tracking` (`cfg`) to its per-item test results `rows` (eval/predictions.jsonl of data `shape`).
+    `tracking` (`cfg`) to its per-item test results `rows` (eval/predictions.jsonl of data `shape`), scored on
+    `test`. A champion whose logged results cannot be compared with them (too few shared items, none logged)
+    is re-scored first with `rescore` where that helps (stages/tracking/gate.py `needs_rescore`).
 
     The version's source is `model` (the LoggedModel record_run logged: its artifacts, and its id), or
-    without one the run's `adapter` folder. Returns a record: version, new_version (False when these adapter bytes were
-    registered before), alias, promoted, reason, and the comparison's numbers (None when nothing could be
-    compared).
+    without one the run's `adapter` folder. Returns a record: version, new_version (False when these adapter
+    bytes were registered before), alias, promoted, reason, the comparison's numbers (None when nothing could
+    be compared) and the candidate's primary metric with its interval.
     """
     from mlflow.exceptions import MlflowException
 
@@ -167,20 +195,33 @@ def register_adapter(
     with contextlib.suppress(MlflowException):  # it exists already
         client.create_registered_model(cfg.registered_model)
     gate = Gate.from_params(cfg, shape)
-    champion = current_champion(client, cfg.registered_model, gate.metric, test_sha256, rescore)
     try:
         candidate = Items.from_rows(rows, "adapter")
     except KeyError as exc:
         raise StageError(
             f"{PER_ITEM_ARTIFACT}: prediction rows have no {exc.args[0]!r} field; re-run evaluate_adapter (dvc repro)"
         ) from exc
-    decision = decide(gate, candidate, champion, base_items(rows), test_sha256)
+    champion = current_champion(client, cfg.registered_model, gate.metric)
+    why = needs_rescore(gate, candidate, champion, test)
+    if why and rescore is not None:
+        champion = rescored(champion, why, gate.metric, rescore)
+    decision = decide(gate, candidate, champion, base_items(rows), test)
+    if champion is not None and champion.missing and champion.missing not in decision.reason:
+        decision = replace(decision, reason=f"{decision.reason} ({champion.missing})")  # why it was not re-scored
     version = create_version(
-        client, cfg.registered_model, run_id, sha256, test_sha256, model, decision_tags(decision), decision.reason
+        client, cfg.registered_model, run_id, sha256, test.sha256, model, decision_tags(decision), decision.reason
     )
     client.set_registered_model_alias(cfg.registered_model, decision.alias, version.version)
-    for key, value in {**decision_tags(decision), "registry.version": str(version.version)}.items():
+    after = str(version.version) if decision.promoted else (champion.version if champion else "")
+    tags = {
+        **decision_tags(decision), "registry.version": str(version.version), CHAMPION_AFTER_TAG: after,
+        PRIMARY_METRIC_TAG: gate.metric,
+    }  # fmt: skip
+    for key, value in tags.items():
         client.set_tag(run_id, key, value)
+    primary = metric_interval(gate, candidate)
+    for name, value in (primary or {}).items():
+        client.log_metric(run_id, f"{PRIMARY_METRIC_PREFIX}{name}", value)
     return {
         "version": str(version.version),
         "new_version": True,
@@ -188,6 +229,8 @@ def register_adapter(
         "promoted": decision.promoted,
         "reason": decision.reason,
         "comparison": decision.comparison.record() if decision.comparison else None,
+        "champion_after": after,
+        "primary": {"metric": gate.metric, **primary} if primary else None,
     }
 
 

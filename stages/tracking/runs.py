@@ -20,10 +20,20 @@ from urllib.parse import urlsplit, urlunsplit
 import yaml
 
 from stages.common.config import Params, flatten
-from stages.common.io import read_json
+from stages.common.io import read_json, read_jsonl
 from stages.common.paths import Paths
+from stages.common.rows import key_digest, row_key
+from stages.tracking.gate import Provenance
 from stages.tracking.names import adapter_test_metrics, curve
-from stages.tracking.registry import PER_ITEM_ARTIFACT, PER_ITEM_TAG, TEST_HASH_TAG, champion_run
+from stages.tracking.registry import (
+    MEMBERSHIP_TAG,
+    PER_ITEM_ARTIFACT,
+    PER_ITEM_TAG,
+    TEST_HASH_TAG,
+    TRAINED_ON_ARTIFACT,
+    TRAINED_ON_TAG,
+    champion_run,
+)
 from stages.tracking.store import client_for, is_server, store_root
 
 MAX_PARAM_LENGTH = 250  # MLflow rejects longer parameter values
@@ -183,6 +193,21 @@ def test_set_hash(paths: Paths) -> str | None:
     return read_json(paths.data_metrics)["test"]["sha256"] if paths.data_metrics.is_file() else None
 
 
+def trained_on(paths: Paths) -> frozenset[str] | None:
+    """The key digests of the rows this workspace's adapter saw in training (train and val splits; val too,
+    because it steered training), or None before split_data has run."""
+    if not (paths.split("train").is_file() and paths.split("val").is_file()):
+        return None
+    return frozenset(key_digest(row_key(row)) for name in ("train", "val") for row in read_jsonl(paths.split(name)))
+
+
+def workspace_test_set(paths: Paths) -> Provenance:
+    """What this workspace's adapter was scored and trained on (stages/tracking/gate.py Provenance)."""
+    data = read_json(paths.data_metrics) if paths.data_metrics.is_file() else {}
+    membership = data.get("membership", {}).get("fingerprint")
+    return Provenance(data.get("test", {}).get("sha256"), membership, trained_on(paths))
+
+
 def champion_metrics(paths: Paths, params: Params) -> dict[str, float] | None:
     """The evaluation metrics of the registry's `champion` version of `tracking.registered_model`, when
     it exists and was scored on the same test set (same sha256) as this workspace; else None."""
@@ -318,9 +343,14 @@ def params_sections(params: Params) -> dict:
 
 def log_execution(client, run_id: str, paths: Paths, params: Params, extra_metrics: dict) -> None:
     tags = {**git_tags(paths.root), **dvc_lock_tags(paths.root)}
-    test_hash = test_set_hash(paths)
-    if test_hash:
-        tags[TEST_HASH_TAG] = test_hash
+    test = workspace_test_set(paths)
+    if test.sha256:
+        tags[TEST_HASH_TAG] = test.sha256
+    if test.membership:
+        tags[MEMBERSHIP_TAG] = test.membership
+    if test.trained_on is not None:  # what the gate checks a later comparison against
+        client.log_text(run_id, "".join(f"{digest}\n" for digest in sorted(test.trained_on)), TRAINED_ON_ARTIFACT)
+        tags[TRAINED_ON_TAG] = TRAINED_ON_ARTIFACT
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
     for key, value in flatten(params).items():

@@ -28,6 +28,7 @@ def test_balanced_caps_each_whole_dollar_price_and_keeps_order():
     assert len(kept) == 4 and kept[-1]["text"] == "dear"
     assert kept == sorted(kept, key=rows.index)
     assert balanced(rows, per_price=3, seed=1) == kept
+    assert balanced(list(reversed(rows)), per_price=3, seed=1) == list(reversed(kept))  # not order-dependent
 
 
 def test_split_data_applies_curation_and_counts_drops(tmp_path):
@@ -38,7 +39,7 @@ def test_split_data_applies_curation_and_counts_drops(tmp_path):
     ]
     (tmp_path / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     data = {"source": "items.jsonl", "scrub": True, "min_text_words": 3, "max_text_words": 6,
-            "balance_per_price": 5, "n_test": 5, "n_val": 5, "n_train": -1}  # fmt: skip
+            "balance_per_price": 5, "test_fraction": 0.15, "val_fraction": 0.15, "n_train": -1}  # fmt: skip
     result = split_data.run(params_from_dict({"data": data}), Paths.at(tmp_path))
     assert result.dropped == {"text_too_few_words": 1, "balanced_sample_cap": 25}
     texts = [json.loads(line)["text"] for line in (tmp_path / "data" / "splits" / "train.jsonl").open()]

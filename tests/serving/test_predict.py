@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from serving import predict
+from stages.common.metrics import band
 from tests.serving.conftest import MODEL, first_batch
 
 
@@ -42,10 +43,10 @@ def test_an_adapter_folder_prices_a_file_as_evaluation_did(registered, tmp_path,
     assert list(priced.columns) == ["sku", "text", "price", "completion", "predicted_price", "error", "band"]
     assert list(priced["sku"]) == [f"A-{i}" for i in range(len(items))]
     assert [str(c) for c in priced["completion"]] == [row["adapter_output"] for row in evaluated]
-    # the tiny model writes no number: the price is empty, the error is the truth and the band red
+    # the tiny model writes no number: the price is empty, the error is the truth, the band that of $0
     assert all(row["adapter_prediction"] is None for row in evaluated)
     assert [round(float(e), 6) for e in priced["error"]] == [round(float(i["price"]), 6) for i in items]
-    assert set(priced["band"]) == {"red"}
+    assert list(priced["band"]) == [band(float(i["price"]), 0.0) for i in items]
     assert f"{len(items)} rows priced into {output}" in capsys.readouterr().out
 
 

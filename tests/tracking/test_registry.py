@@ -8,12 +8,14 @@ import pytest
 
 from stages.common.config import TrackingConfig, params_from_dict
 from stages.common.errors import ConfigError
-from stages.tracking.gate import CHALLENGER, CHAMPION
+from stages.tracking.gate import CHALLENGER, CHAMPION, Provenance
 from stages.tracking.registry import (
     LEGACY_PER_ITEM_ARTIFACT,
     PER_ITEM_ARTIFACT,
     PER_ITEM_TAG,
     TEST_HASH_TAG,
+    TRAINED_ON_ARTIFACT,
+    TRAINED_ON_TAG,
     register_adapter,
 )
 
@@ -22,12 +24,15 @@ TRUTHS = [100.0 + 37 * i for i in range(60)]
 MODEL = "price-adapter"
 
 
-def rows(error: float, base_error: float = 5000.0) -> list[dict]:
-    """Prediction rows as evaluate_adapter writes them: the adapter off by `error` on every item."""
+def rows(error: float, base_error: float = 5000.0, n: int = len(TRUTHS)) -> list[dict]:
+    """Prediction rows as evaluate_adapter writes them: the adapter off by `error` on every item (`n` items:
+    more than 60 for a test set that grew)."""
+    truths = [100.0 + 37 * i for i in range(n)]
     return [
-        {"text": f"item {i}", "truth": t, "adapter_output": "", "adapter_prediction": t + error + (i % 5),
+        {"key": f"k{i}", "text": f"item {i}", "truth": t, "adapter_output": "",
+         "adapter_prediction": t + error + (i % 5),
          "band": "", "base_output": "", "base_prediction": t + base_error}
-        for i, t in enumerate(TRUTHS)
+        for i, t in enumerate(truths)
     ]  # fmt: skip
 
 
@@ -40,8 +45,12 @@ def store(tmp_path):
     return client, experiment, tmp_path
 
 
-def logged_run(store, weights: bytes, prediction_rows: list[dict] | None, test_sha256: str, where=PER_ITEM_ARTIFACT):
-    """A run holding an adapter folder and (unless None) its per-item rows at `where`, as record_run leaves it."""
+def logged_run(
+    store, weights: bytes, prediction_rows: list[dict] | None, test_sha256: str, where=PER_ITEM_ARTIFACT,
+    trained_on: tuple[str, ...] | None = (),
+):  # fmt: skip
+    """A run holding an adapter folder, (unless None) its per-item rows at `where` and the digests of the rows
+    it trained on (None: a run recorded before runs listed them), as record_run leaves it."""
     client, experiment, tmp_path = store
     folder = tmp_path / f"adapter-{weights.hex()}"
     folder.mkdir(exist_ok=True)
@@ -53,13 +62,20 @@ def logged_run(store, weights: bytes, prediction_rows: list[dict] | None, test_s
         client.log_text(run_id, "".join(json.dumps(r) + "\n" for r in prediction_rows), where)
         if where == PER_ITEM_ARTIFACT:
             client.set_tag(run_id, PER_ITEM_TAG, where)
+    if trained_on is not None:
+        client.log_text(run_id, "".join(f"{digest}\n" for digest in trained_on), TRAINED_ON_ARTIFACT)
+        client.set_tag(run_id, TRAINED_ON_TAG, TRAINED_ON_ARTIFACT)
     return run_id, folder
 
 
-def register(store, weights: bytes, error: float, test_sha256: str = TEST_SET, rescore=None, **tracking):
-    run_id, folder = logged_run(store, weights, rows(error), test_sha256)
+def register(
+    store, weights: bytes, error: float, test_sha256: str = TEST_SET, rescore=None, n: int = len(TRUTHS),
+    trained_on: tuple[str, ...] | None = (), **tracking,
+):  # fmt: skip
+    run_id, folder = logged_run(store, weights, rows(error, n=n), test_sha256, trained_on=trained_on)
     cfg = TrackingConfig(registered_model=MODEL, **tracking)
-    return register_adapter(store[0], cfg, run_id, folder, "price", rows(error), test_sha256, rescore)
+    test = Provenance(test_sha256, "m", frozenset(trained_on) if trained_on is not None else None)
+    return register_adapter(store[0], cfg, run_id, folder, "price", rows(error, n=n), test, rescore)
 
 
 def champion_version(client) -> str:
@@ -110,17 +126,42 @@ def test_the_same_adapter_bytes_are_not_registered_twice(store):
     assert len(store[0].search_model_versions(f"name = '{MODEL}'")) == 1
 
 
-def test_a_champion_from_another_test_set_keeps_its_alias(store):
-    register(store, b"old", 300.0, test_sha256="b" * 64)
+def test_a_champion_without_a_training_record_from_another_test_set_keeps_its_alias(store):
+    register(store, b"old", 300.0, test_sha256="b" * 64, trained_on=None)
     new = register(store, b"new", 10.0)
     assert new["alias"] == CHALLENGER and "another test set" in new["reason"]
     assert champion_version(store[0]) == "1"
 
 
+def test_a_test_set_that_grew_is_compared_on_shared_items_then_by_rescoring_the_champion(store):
+    client = store[0]
+    register(store, b"one", 300.0)  # scored on 60 items
+    shared = register(store, b"two", 200.0, test_sha256="b" * 64, n=64)  # 60 of 64 >= 0.9
+    assert shared["promoted"] and "on the 60 items both were scored on" in shared["reason"]
+    asked = []
+
+    def rescore(run_id):
+        asked.append(run_id)
+        return rows(200.0, n=80)
+
+    grown = register(store, b"three", 100.0, test_sha256="c" * 64, n=80, rescore=rescore)  # 64 of 80 < 0.9
+    assert asked == [client.get_model_version(MODEL, "2").run_id]
+    assert grown["promoted"] and "on the current 80 items, champion v2 re-scored" in grown["reason"]
+    tags = client.get_run(client.get_model_version(MODEL, "3").run_id).data.tags
+    assert tags["registry.champion_after"] == "3" and tags["promotion.basis"].startswith("on the current 80")
+    assert grown["primary"]["metric"] == "avg_error" and grown["primary"]["low"] <= grown["primary"]["value"]
+
+
+def test_items_the_champion_trained_on_are_left_out(store):
+    register(store, b"one", 300.0, trained_on=("k60", "k61", "k62"))  # then (membership changed) test items
+    new = register(store, b"two", 200.0, test_sha256="b" * 64, n=63)
+    assert new["comparison"]["n_items"] == 60 and "(3 it trained on left out)" in new["reason"]
+
+
 def old_style_champion(store, legacy_rows: list[dict] | None) -> None:
     """A champion registered before per-item results were tagged: rows (if any) at the run's root."""
     client = store[0]
-    run_id, _ = logged_run(store, b"old", legacy_rows, TEST_SET, where=LEGACY_PER_ITEM_ARTIFACT)
+    run_id, _ = logged_run(store, b"old", legacy_rows, TEST_SET, where=LEGACY_PER_ITEM_ARTIFACT, trained_on=None)
     client.create_registered_model(MODEL)
     version = client.create_model_version(MODEL, source=f"runs:/{run_id}/adapter", run_id=run_id)
     client.set_registered_model_alias(MODEL, CHAMPION, version.version)
