@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 # Stage commands in dvc.yaml call `python`: make it this environment's.
 RUN := env PATH="$(BIN):$$PATH" PREFECT_SERVER_ANALYTICS_ENABLED=false
 
-.PHONY: venv demo sweep test test-fast test-random serve-champion predict history lint format repro plan prefect-server serve deploy worker mlflow-ui mlflow-server bench bench-train bench-profile bench-eval bench-data bench-memory bench-memory-1b bench-overhead bench-noise bench-gguf bench-serving clean
+.PHONY: venv demo sweep test test-fast test-random serve-champion predict history lint format repro plan prefect-server serve deploy worker mlflow-ui mlflow-server bench bench-train bench-profile bench-eval bench-data bench-memory bench-memory-1b bench-overhead bench-noise bench-gguf bench-serving bench-schedule clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -52,7 +52,7 @@ repro: venv
 
 # The benchmarks of docs/performance.md, after `make demo` (its page says how long each takes); each prints a
 # table and writes bench/results/<name>.json.
-bench: bench-train bench-profile bench-eval bench-data bench-overhead bench-memory bench-memory-1b bench-noise bench-gguf bench-serving
+bench: bench-train bench-profile bench-eval bench-data bench-overhead bench-memory bench-memory-1b bench-noise bench-gguf bench-serving bench-schedule
 
 # The project's training against TRL's SFTTrainer padded as the course does and as TRL recommends;
 # TRAINERS="careful project" ROUNDS=6 for the paired loss comparison without the slow padded peer.
@@ -93,6 +93,11 @@ bench-gguf: venv
 # The champion served (one item per request, and batches) and batch prediction against evaluate_adapter.
 bench-serving: venv
 	$(RUN) $(BIN)/python -m bench.serving_speed
+
+# The diamonds arriving in three deliveries (80%, 12%, 8%) into a folder of a fresh clone of HEAD, the flow run
+# after each: test items kept and added, the gate's decisions, the history (about 25 minutes on 2 cores).
+bench-schedule: venv
+	$(RUN) $(BIN)/python -m bench.retrain_schedule
 
 # Parameters, adapter size, base memory, FLOPs per token and peak training memory of the configured run, from
 # the config alone.

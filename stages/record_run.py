@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from stages.common.cli import run_stage
-from stages.common.config import PRICE, Params, flatten, params_by_key
+from stages.common.config import PRICE, Params, PromptConfig, QuantizationConfig, flatten, params_by_key
 from stages.common.errors import StageError
 from stages.common.io import read_json, read_jsonl, write_json
 from stages.common.paths import Paths
@@ -50,11 +50,12 @@ from stages.tracking.runs import (
 from stages.tracking.store import client_for, shown_uri, tracking_uri
 
 RECORDED_PARAMS = ("base_model", "data", "prompt", "quantization", "lora", "train", "evaluate", "export", "tracking")
-# The base model and the test split: to re-score a champion; the train and val splits: what the adapter saw.
+# The base model and the test split: to re-score a champion; the train and val splits: what the adapter saw;
+# the raw data's .dvc files: which data version it was (stages/tracking/runs.py `log_data_version`).
 SPEC = StageSpec(
     "record_run",
     params=RECORDED_PARAMS,
-    reads=(*METRIC_FILES, *CHARTS, *RECORDED, Paths.base_model, Paths.splits),
+    reads=(*METRIC_FILES, *CHARTS, *RECORDED, Paths.base_model, Paths.splits, Paths.raw_dir),
     writes=(Paths.run_record,),
 )
 
@@ -103,8 +104,11 @@ def record_trial(params: Params, paths: Paths, name: str, tags: dict[str, str]) 
 
 
 def rescorer(params: Params, paths: Paths, client) -> Rescore:
-    """How to re-score a champion registered without per-item results: download the adapter logged in its run
-    and score it on this workspace's test split as evaluate_adapter does; None without base or test split."""
+    """How to re-score a champion on this workspace's test split as evaluate_adapter scores: from the MLflow
+    Model its run logged (its adapter, with the prompt, generation and 4-bit settings it was logged with, so a
+    changed prompt since does not handicap it), or, for a run recorded before models were logged, from the
+    adapter in its run with this workspace's settings. The rescore returns None without the base model or the
+    test split here, and raises StageError when the champion was trained on another base than this one."""
 
     def rescore(run_id: str) -> list[dict] | None:
         if not (paths.base_model / "config.json").is_file() or not paths.split("test").is_file():
@@ -112,9 +116,38 @@ def rescorer(params: Params, paths: Paths, client) -> Rescore:
         from stages.evaluate_adapter import adapter_rows
 
         with tempfile.TemporaryDirectory(prefix="champion-") as folder:
-            return adapter_rows(params, paths, Path(client.download_artifacts(run_id, "adapter", folder)))
+            model_uri = client.get_run(run_id).data.tags.get("model.uri")
+            if not model_uri:
+                return adapter_rows(params, paths, Path(client.download_artifacts(run_id, "adapter", folder)))
+            import mlflow.artifacts
+
+            local = Path(
+                mlflow.artifacts.download_artifacts(
+                    model_uri, dst_path=folder, tracking_uri=tracking_uri(paths, params)
+                )
+            )
+            config = read_json(local / "artifacts" / "config.json")
+            return adapter_rows(as_logged(params, paths, config), paths, local / "artifacts" / "adapter")
 
     return rescore
+
+
+def as_logged(params: Params, paths: Paths, config: dict) -> Params:
+    """`params` with the prompt, generation and quantization a logged model's `config` (serving/pricer.py) was
+    scored with; StageError when its base differs from this workspace's models/base."""
+    here = read_json(paths.base_model / "source.json")
+    theirs = config["base"]
+    identity = ("kind", "source", "resolved_revision")
+    if [theirs.get(key) for key in identity] != [here.get(key) for key in identity]:
+        raise StageError(
+            f"it was trained on the base {theirs['source']!r} ({theirs['kind']}), this workspace's is "
+            f"{here['source']!r}: its adapter cannot be scored on this base"
+        )
+    generation = replace(params.evaluate, **config["generation"])
+    return replace(
+        params, prompt=PromptConfig(**config["prompt"]), evaluate=generation,
+        quantization=QuantizationConfig(**config["quantization"]),
+    )  # fmt: skip
 
 
 def log_model(client, run_id: str, params: Params, paths: Paths):

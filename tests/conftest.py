@@ -291,6 +291,7 @@ def point_mlflow_at(store: Path, old_root: str, new_root: str) -> None:
         "experiments": ("artifact_location",),
         "runs": ("artifact_uri",),
         "model_versions": ("source", "storage_location"),
+        "logged_models": ("artifact_location",),
     }
     with sqlite3.connect(store) as connection:
         for table, names in columns.items():

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from stages.common.io import read_jsonl
 from tests.conftest import REPO_ROOT
 
 
@@ -134,7 +135,8 @@ def test_the_noise_benchmark_reports_the_spread_and_the_gate_on_every_pair(noise
     assert all(r["steps"] == 2 for r in result["runs"])
     assert set(result["spread"]) == {"avg_error", "rmsle", "hit_rate", "val_loss"}
     pairs = {(d["candidate_seed"], d["champion_seed"]) for d in result["decisions"]}
-    assert pairs == {(42, 43), (43, 42)} and all(d["n_items"] == 12 for d in result["decisions"])
+    n_test = len(read_jsonl(paths.split("test")))
+    assert pairs == {(42, 43), (43, 42)} and all(d["n_items"] == n_test for d in result["decisions"])
     assert result["machine"]["cores"] >= 1 and result["machine"]["cpu"]
     assert "seed pairs promoted" in printed
     assert not paths.train_scratch.exists()  # the workspace is untouched
@@ -176,3 +178,18 @@ def test_the_random_base_is_drawn_weight_by_weight_the_same_in_both_modes():
     assert isinstance(quantized, bnb.nn.Params4bit) and qlora.is_loaded_in_4bit
     dequantized = bnb.functional.dequantize_4bit(quantized.data, quantized.quant_state)
     assert (dequantized - draws[up][...]).abs().max() < 0.2 * draws[up][...].abs().max()  # NF4's rounding only
+
+
+def test_the_retrain_schedule_delivers_every_diamond_once_in_the_shares_asked():
+    from bench.retrain_schedule import deliveries, table
+
+    parts = deliveries([0.8, 0.12, 0.08])
+    assert [len(part) for part in parts] == [43_152, 6_473, 4_315]  # of 53,940
+    texts = [(row["text"], row["price"]) for part in parts for row in part]
+    assert len(texts) == 53_940 and deliveries([0.8, 0.12, 0.08])[2] == parts[2]  # seeded: the same each time
+    outcome = {"rows_in": 43_152, "test_items": 171, "test_kept": None, "test_added": None, "compared_items": 171,
+               "version": "1", "alias": "champion", "promoted": True, "seconds": 421.0}  # fmt: skip
+    lines = table([outcome, {**outcome, "test_kept": 171, "test_added": 25, "promoted": False, "alias": "challenger"}])
+    first, second = lines.splitlines()[2:]
+    assert first.split() == ["1", "43,152", "171", "-", "-", "171", "v1", "champion", "7", "m", "01", "s"]
+    assert second.split()[3:5] == ["171", "25"] and "challenger" in second

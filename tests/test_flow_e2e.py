@@ -23,7 +23,7 @@ import yaml
 
 from flows.retrain import STAGES
 from tests.conftest import REPO_ROOT, price_rows
-from tests.flow_workspace import flow, latest_report, run, set_param
+from tests.flow_workspace import commit, dvc, flow, latest_report, run, set_param
 
 ALL_STAGES = set(STAGES)
 
@@ -69,7 +69,9 @@ def test_mlflow_holds_the_run_with_metrics_artifacts_and_lineage(flow_project):
     record = json.loads((root / "reports" / "mlflow_run.json").read_text())
     assert record["run_id"] == mlflow_run.info.run_id and record["started_by"] == "prefect"
     assert data.tags["promotion.alias"] == record["alias"] == expected_alias(root)
-    assert data.tags["eval.per_item"] == "eval/predictions.jsonl" and data.tags["promotion.n_items"] == "12"
+    assert data.tags["eval.per_item"] == "eval/predictions.jsonl" and data.tags["promotion.n_items"] == str(
+        n_test(root)
+    )
     head = run(["git", "rev-parse", "HEAD"], root, env).stdout.strip()
     assert data.tags["git.commit"] == head and data.tags["started_by"] == "prefect"
     lock = yaml.safe_load((root / "dvc.lock").read_text())
@@ -145,6 +147,11 @@ def test_learning_rate_change_invalidates_train_evaluate_export_record_only(flow
 def test_split_seed_change_invalidates_from_split_on(flow_project):
     root, env, _, _ = flow_project
     assert stages_to_rerun(root, env, "data", "seed", 8) == ALL_STAGES - {"base_model"}
+
+
+def n_test(root: Path) -> int:
+    """The test items of the workspace's split (the membership rule decides how many)."""
+    return len((root / "data" / "splits" / "test.jsonl").read_text().splitlines())
 
 
 def expected_alias(root: Path) -> str:
@@ -233,7 +240,7 @@ def test_a_second_flow_on_a_busy_workspace_stops_and_the_first_finishes(workspac
 
     record = json.loads((root / "reports" / "mlflow_run.json").read_text())
     assert record["version"] == "2" and record["promoted"] and "for champion v1: better by $" in record["reason"]
-    assert record["comparison"]["n_items"] == 12 and record["comparison"]["interval_low"] > 0
+    assert record["comparison"]["n_items"] == n_test(root) and record["comparison"]["interval_low"] > 0
     assert str(client.get_model_version_by_alias("qlora-price-adapter", "champion").version) == "2"
     assert "current champion (MLflow)" in output and record["reason"] in output  # the table and the verdict
     report = latest_report(env)
@@ -252,36 +259,117 @@ def test_a_retrain_that_differs_only_by_its_seed_keeps_the_champion(workspace_co
     assert record["version"] == "2" and not record["promoted"] and record["alias"] == "challenger"
     assert str(client.get_model_version_by_alias("qlora-price-adapter", "champion").version) == "1"
     c = record["comparison"]
-    assert c["against"] == "champion v1" and c["n_items"] == 12 and c["interval_low"] <= 0
+    assert c["against"] == "champion v1" and c["n_items"] == n_test(root) and c["interval_low"] <= 0
     assert record["reason"] in output
     report = latest_report(env)
     assert "**not promoted** (alias `challenger`)" in report and "95% paired interval" in report
 
 
-def test_new_rows_retrain_from_the_split_and_register_a_version(workspace_copy):
+def more_rows(n: int, seed: int, mark: str) -> list[dict]:
+    """`n` products that are not in the first delivery: another seed, and `mark` in place of "model"."""
+    return [{**row, "text": row["text"].replace("model", mark)} for row in price_rows(n, seed=seed)]
+
+
+def data_since(root: Path) -> dict:
+    return json.loads((root / "metrics" / "data.json").read_text())["since_last_run"]
+
+
+def test_new_rows_keep_the_test_set_and_the_gate_compares_the_same_items(workspace_copy):
+    """The default params, no pinned file: rows appended to the source keep every old test item, and the gate
+    compares the new adapter with the champion on items both were scored on (or re-scores the champion)."""
     import pandas as pd
 
     root, env = workspace_copy
     make_version_1_a_poor_champion(root)
-    # Pin the test set first, as the README says, so the new adapter is scored on the champion's test set.
-    shutil.copy(root / "data" / "splits" / "test.jsonl", root / "data" / "raw" / "test-pinned.jsonl")
-    set_param(root, "data", "test_split", "data/raw/test-pinned.jsonl")
+    tested_before = n_test(root)
     raw = root / "data" / "raw" / "prices.csv"
-    rows = pd.read_csv(raw)
-    more = pd.DataFrame(price_rows(120, seed=1)[90:])  # 30 new products
-    more["text"] = more["text"].str.replace("model", "edition")
-    pd.concat([rows, more]).to_csv(raw, index=False)
+    pd.concat([pd.read_csv(raw), pd.DataFrame(more_rows(30, 1, "edition"))]).to_csv(raw, index=False)
     done = flow(root, env)
     output = done.stdout + done.stderr
     assert "split_data: changed deps: data/raw modified" in output
+    since = data_since(root)
+    assert since["test"]["kept"] == tested_before and since["test"]["removed"] == 0 and since["moved"] == 0
     record = json.loads((root / "reports" / "mlflow_run.json").read_text())
     assert record["version"] == "2" and record["reason"] in output
     print(f"new rows: version 2 is {record['alias']}: {record['reason']}")
-    assert "for champion v1" in record["reason"]  # compared: same test set
-    assert record["previous_champion"] is not None and "current champion (MLflow)" in output
+    assert "for champion v1" in record["reason"]
+    assert "items both were scored on" in record["reason"] or "champion v1 re-scored" in record["reason"]
+    assert record["comparison"]["n_items"] >= tested_before  # the champion's logged metrics are another test set's
     tracked = yaml.safe_load((root / "data" / "raw" / "prices.csv.dvc").read_text())["outs"][0]
     assert tracked["md5"] == hashlib.md5(raw.read_bytes()).hexdigest()  # DVC cached the new version
     assert json.loads((root / "metrics" / "data.json").read_text())["rows_in"] == 120
+
+
+def test_a_pinned_test_set_still_pins_it(workspace_copy):
+    import pandas as pd
+
+    root, env = workspace_copy
+    pinned = root / "data" / "raw" / "test-pinned.jsonl"
+    shutil.copy(root / "data" / "splits" / "test.jsonl", pinned)
+    set_param(root, "data", "test_split", "data/raw/test-pinned.jsonl")
+    raw = root / "data" / "raw" / "prices.csv"
+    pd.concat([pd.read_csv(raw), pd.DataFrame(more_rows(30, 1, "edition"))]).to_csv(raw, index=False)
+    flow(root, env)
+    assert (root / "data" / "splits" / "test.jsonl").read_bytes() == pinned.read_bytes()
+    assert data_since(root)["test"] == {"kept": n_test(root), "added": 0, "removed": 0}
+
+
+def deliver(folder: Path, name: str, rows: list[dict]) -> None:
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(folder / name, index=False)
+
+
+def test_three_deliveries_into_a_folder_keep_the_test_set_and_make_a_history(workspace_copy):
+    """The first delivery is the workspace's file, moved into data/raw/prices/; two more arrive, the flow runs
+    after each: no test item is lost, the gate compares on the items both were scored on (6 new rows: 18 of
+    19 items) and then re-scores the champion (40 more: 19 of 22 items, under tracking.min_shared), the history
+    lists the three retrains, and a run's data version gives back its splits."""
+    root, env = workspace_copy
+    make_version_1_a_poor_champion(root)
+    folder = root / "data" / "raw" / "prices"
+    dvc(["remove", "data/raw/prices.csv.dvc"], root, env)
+    folder.mkdir()
+    shutil.move(root / "data" / "raw" / "prices.csv", folder / "2026-12-01.csv")
+    deliver(folder, "2026-12-02.csv", more_rows(6, 2, "batch2"))
+    dvc(["add", "data/raw/prices"], root, env)
+    set_param(root, "data", "source", "data/raw/prices/")
+    records, tested = [], [n_test(root)]
+    for delivery in ("2026-12-03.csv", None):
+        flow(root, env)
+        since = data_since(root)
+        assert since["test"]["kept"] == tested[-1] and since["test"]["removed"] == 0 and since["moved"] == 0
+        tested.append(n_test(root))
+        records.append(json.loads((root / "reports" / "mlflow_run.json").read_text()))
+        commit(root, env, "retrained")
+        if delivery:
+            deliver(folder, delivery, more_rows(40, 3, "batch3"))
+    second, third = records
+    assert tested == [18, 19, 22], tested
+    assert second["promoted"] and "on the 18 items both were scored on" in second["reason"], second["reason"]
+    assert "champion v2 re-scored from its logged model" in third["reason"], third["reason"]
+    assert third["comparison"]["n_items"] == 22
+
+    printed = run([sys.executable, "-m", "flows.history", "--project-dir", str(root)], root, env).stdout
+    lines = [line for line in printed.splitlines() if line.startswith("| 20")]
+    assert len(lines) == 3, printed
+    third_decision = "v3 promoted" if third["promoted"] else f"v3 {third['alias']}"
+    assert "| v2 promoted | v2 |" in lines[1] and f"| {third_decision} |" in lines[2]
+    assert (root / "reports" / "history.png").is_file()
+    assert "| v2 promoted | v2 |" in mlflow_client(root).get_registered_model("qlora-price-adapter").description
+
+    # The second run's data, back from its logged data version, split again: the splits DVC recorded for it.
+    client = mlflow_client(root)
+    for name in ("data_version/data/raw/prices.dvc", "dvc.lock", "params.yaml"):
+        local = client.download_artifacts(second["run_id"], name, str(root.parent / "second"))
+        shutil.copy(local, root / name.removeprefix("data_version/"))
+    dvc(["checkout", "data/raw/prices.dvc"], root, env)
+    assert sorted(p.name for p in folder.iterdir()) == ["2026-12-01.csv", "2026-12-02.csv"]
+    run([sys.executable, "-m", "stages.split_data"], root, env)
+    # raw data, params and splits as that run recorded them (metrics/data.json differs: its since_last_run
+    # compares with the splits on disk, the third run's)
+    status = dvc(["status", "split_data"], root, env).stdout
+    assert not any(changed in status for changed in ("data/raw", "data/splits", "params")), status
 
 
 def test_dvc_repro_alone_is_recorded_with_how_it_started(workspace_copy):

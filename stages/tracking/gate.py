@@ -14,7 +14,7 @@ Items are paired by their key, never by position, and never compared on an item 
 each run records the key digests of its train and val rows (`Provenance.trained_on`). When the champion was
 scored on another test set (rows added or removed since), it is compared on the items both were scored on
 while they are at least `tracking.min_shared` of the candidate's; with fewer (the data grew a lot, or the
-membership rule changed) the registry re-scores the champion's logged adapter on the current test set
+membership rule changed) the registry re-scores the champion from its logged model on the current test set
 (`needs_rescore`) and it is compared on all of it it did not train on.
 
 `decide(...)` is the rule, with no MLflow and no files: it takes per-item results (`Items`) of the candidate,
@@ -384,7 +384,7 @@ def compared_keys(gate: Gate, candidate: Items, champion: Champion, test: Proven
             f"{gate.min_shared:g} of them"
         )
     basis = (
-        f"on the current {len(keys)} items, {against} re-scored from its logged adapter"
+        f"on the current {len(keys)} items, {against} re-scored from its logged model"
         if champion.rescored
         else f"on the {len(keys)} items both were scored on"
     )

@@ -4,11 +4,12 @@
 the same adapter bytes), fetches the current champion's per-item results, applies the rule in
 stages/tracking/gate.py, moves or keeps the aliases, and tags version and run with the decision in words and
 numbers. Every version carries its per-item test results (the run's `eval/predictions.jsonl`, named by the
-`eval.per_item` tag), so a later candidate is compared with it item by item without re-running it. A champion
-registered before that (no per-item results, or results missing a field the metric needs) is re-scored from
-its logged adapter when the caller can (`rescore`), or the gate says it cannot compare and does not promote;
-nothing in the registry is changed for it. A version's source is the MLflow Model record_run logs
-(serving/pricer.py): load the champion back with
+`eval.per_item` tag), so a later candidate is compared with it item by item, by key, without re-running it.
+A champion whose logged results cover too few of the current test items (the test set grew, or its
+membership rule changed), or that was registered without usable per-item results, is re-scored on the
+current test split from its logged model when the caller can (`rescore`); otherwise the gate says it cannot
+compare and does not promote; nothing in the registry is changed for it. A version's source is the MLflow
+Model record_run logs (serving/pricer.py): load the champion back with
 
     mlflow.pyfunc.load_model("models:/qlora-price-adapter@champion")  # predicts completions and prices
     mlflow.artifacts.download_artifacts("models:/qlora-price-adapter@champion")  # its adapter: artifacts/adapter
@@ -40,8 +41,8 @@ CHAMPION_AFTER_TAG = "registry.champion_after"  # the version holding `champion`
 PRIMARY_METRIC_PREFIX = "promotion/primary_"  # + value, low, high: the candidate's primary metric, its interval
 PRIMARY_METRIC_TAG = "promotion.primary_metric"  # which metric those are
 
-# Re-scores a champion without usable per-item results: (run id of its version) -> prediction rows, or None
-# when the base model or the test split is not at hand.
+# Re-scores a champion on this workspace's test split: (run id of its version) -> prediction rows, or None
+# when the base model or the test split is not at hand; StageError when it cannot be scored here.
 Rescore = Callable[[str], list[dict] | None]
 
 
@@ -121,13 +122,16 @@ def current_champion(client, model_name: str, metric: str) -> Champion | None:
 def rescored(champion: Champion, why: str, metric: str, rescore: Rescore) -> Champion:
     """`champion` with its adapter's results on this workspace's test set (`rescored`), or as it was, its
     `missing` saying why, when that cannot be done here."""
-    rows = rescore(champion.run_id)
+    try:
+        rows = rescore(champion.run_id)
+    except StageError as exc:
+        return replace(champion, missing=f"{why}; it cannot be re-scored here: {exc}")
     if rows is None:
         return replace(champion, missing=f"{why}; re-scoring it needs the base model and the test split here")
     items, problem = champion_items(rows, metric)
     if items is None:
         return replace(champion, missing=f"{why}; re-scored, but {problem}")
-    print(f"{champion.name}: {why}; re-scored from its logged adapter on the current {len(items.keys)} test items")
+    print(f"{champion.name}: {why}; re-scored from its logged model on the current {len(items.keys)} test items")
     return replace(champion, items=items, missing="", rescored=True)
 
 

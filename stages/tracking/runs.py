@@ -41,6 +41,7 @@ METRIC_FILES = (Paths.data_metrics, Paths.token_metrics, Paths.train_metrics, Pa
 CHARTS = (Paths.token_histogram, Paths.loss_chart, Paths.scatter_chart)
 # What a run records besides metrics and charts: the loss curve, the adapter, the predictions, the export.
 RECORDED = (Paths.loss_plot, Paths.adapter, Paths.predictions, Paths.export)
+DATA_VERSION_ARTIFACT = "data_version"  # the run's copies of the raw data's .dvc files: which version it read
 LOSS_COLUMNS = ("train_loss", "val_loss", "learning_rate", "grad_norm", "tokens_seen")
 # What a run's Source column says, by how the run started (record_run's `started_by`).
 SOURCES = {
@@ -216,7 +217,10 @@ def champion_metrics(paths: Paths, params: Params) -> dict[str, float] | None:
         return None
     version, run = found
     if run.data.tags.get(TEST_HASH_TAG) != test_set_hash(paths):
-        print(f"champion (version {version.version}) was scored on another test set; not compared")
+        print(
+            f"champion (version {version.version}) was scored on another test set: its logged metrics are left out "
+            "of the table; the gate compares it on shared or re-scored items"
+        )
         return None
     return adapter_test_metrics(run.data.metrics)
 
@@ -341,6 +345,15 @@ def params_sections(params: Params) -> dict:
     }
 
 
+def log_data_version(client, run_id: str, paths: Paths) -> None:
+    """The `.dvc` files under data/raw (a file or a delivery folder under `dvc add`), under data_version/ at
+    their place in the workspace: `dvc checkout` of one of them gives back the raw data this run read, from the
+    DVC cache or, after `dvc pull`, the remote (docs/pipeline.md)."""
+    for pointer in sorted(paths.raw_dir.rglob("*.dvc")):
+        folder = pointer.parent.relative_to(paths.root).as_posix()
+        client.log_artifact(run_id, str(pointer), f"{DATA_VERSION_ARTIFACT}/{folder}")
+
+
 def log_execution(client, run_id: str, paths: Paths, params: Params, extra_metrics: dict) -> None:
     tags = {**git_tags(paths.root), **dvc_lock_tags(paths.root)}
     test = workspace_test_set(paths)
@@ -372,6 +385,7 @@ def log_execution(client, run_id: str, paths: Paths, params: Params, extra_metri
     if paths.predictions.is_file():  # the per-item results a later candidate is compared with
         client.log_artifact(run_id, str(paths.predictions), PER_ITEM_ARTIFACT.rsplit("/", 1)[0])
         client.set_tag(run_id, PER_ITEM_TAG, PER_ITEM_ARTIFACT)
+    log_data_version(client, run_id, paths)
     for file in (paths.export / "README.md", paths.root / "dvc.lock"):
         if file.is_file():
             client.log_artifact(run_id, str(file), "model_card" if file.name == "README.md" else None)
