@@ -72,6 +72,7 @@ def outcome(root: Path, seconds: float, rows: int) -> dict:
         "improvement": comparison.get("improvement"),
         "interval": [comparison.get("interval_low"), comparison.get("interval_high")],
         "compared_items": comparison.get("n_items"),
+        "compared_with": compared_with(comparison),
         "version": record["version"],
         "alias": record["alias"],
         "promoted": record["promoted"],
@@ -80,25 +81,35 @@ def outcome(root: Path, seconds: float, rows: int) -> dict:
     }
 
 
-COLUMNS = ("delivery", "rows in", "test", "kept", "added", "compared", "version", "decision", "time")
+COLUMNS = ("delivery", "rows in", "test", "kept", "added", "compared", "with", "version", "decision", "time")
+
+
+def compared_with(comparison: dict) -> str:
+    """Whom the gate compared the candidate with, and how, in a few words: "base model", "v1, shared items",
+    "v1, re-scored"."""
+    against = comparison.get("against") or ""
+    if not against.startswith("champion v"):
+        return "base model" if "base model" in against else "-"
+    how = "re-scored" if "re-scored" in comparison.get("basis", "") else "shared items"
+    return f"{against.removeprefix('champion ')}, {how}"
 
 
 def table(results: list[dict]) -> str:
     """One line per delivery: rows in, test items (kept and added since the run before), the items the gate
-    compared, the version registered, its alias, the flow's wall time."""
+    compared and with what, the version registered, its alias, the flow's wall time."""
 
     def shown(value) -> str:
         return "-" if value is None else f"{value:,}"
 
-    lines = ["  ".join(f"{name:>8}" for name in COLUMNS)]
-    lines.append("-" * len(lines[0]))
+    rows = []
     for number, r in enumerate(results, start=1):
         decision = "champion" if r["promoted"] else (r["alias"] or "none")
         minutes = f"{r['seconds'] // 60:.0f} m {r['seconds'] % 60:02.0f} s"
-        cells = (number, shown(r["rows_in"]), shown(r["test_items"]), shown(r["test_kept"]), shown(r["test_added"]),
-                 shown(r["compared_items"]), f"v{r['version']}", decision, minutes)  # fmt: skip
-        lines.append("  ".join(f"{cell:>8}" for cell in cells))
-    return "\n".join(lines)
+        counts = [shown(r[key]) for key in ("rows_in", "test_items", "test_kept", "test_added", "compared_items")]
+        rows.append((number, *counts, r["compared_with"], f"v{r['version']}", decision, minutes))
+    widths = [max(len(str(cell)) for cell in column) for column in zip(COLUMNS, *rows, strict=True)]
+    lines = ["  ".join(f"{cell:>{width}}" for cell, width in zip(row, widths, strict=True)) for row in [COLUMNS, *rows]]
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
 
 
 def play(root: Path, shares: list[float]) -> tuple[list[dict], str]:

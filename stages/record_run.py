@@ -36,7 +36,7 @@ from stages.common.paths import Paths
 from stages.common.report import promotion_markdown
 from stages.common.spec import StageSpec
 from stages.tracking import history
-from stages.tracking.registry import Rescore, register_adapter
+from stages.tracking.registry import MODEL_URI_TAG, Rescore, register_adapter
 from stages.tracking.runs import (
     CHARTS,
     METRIC_FILES,
@@ -116,7 +116,7 @@ def rescorer(params: Params, paths: Paths, client) -> Rescore:
         from stages.evaluate_adapter import adapter_rows
 
         with tempfile.TemporaryDirectory(prefix="champion-") as folder:
-            model_uri = client.get_run(run_id).data.tags.get("model.uri")
+            model_uri = client.get_run(run_id).data.tags.get(MODEL_URI_TAG)
             if not model_uri:
                 return adapter_rows(params, paths, Path(client.download_artifacts(run_id, "adapter", folder)))
             import mlflow.artifacts
@@ -156,7 +156,7 @@ def log_model(client, run_id: str, params: Params, paths: Paths):
     from serving.pricer import log_model as log_pricer
 
     model = log_pricer(client, run_id, params, paths, read_jsonl(paths.split("test")))
-    client.set_tag(run_id, "model.uri", f"models:/{model.model_id}")
+    client.set_tag(run_id, MODEL_URI_TAG, f"models:/{model.model_id}")
     return model
 
 

@@ -16,6 +16,7 @@ from stages.record_run import rescorer
 from stages.tracking import history
 from stages.tracking.names import ADAPTER_TEST_METRICS, adapter_test_metrics
 from stages.tracking.registry import (
+    MODEL_URI_TAG,
     TEST_HASH_TAG,
     adapter_sha256,
     create_version,
@@ -106,7 +107,7 @@ def downloaded_adapter(client, run_id: str, folder: str) -> Path:
 
 
 def logged_model(client, run):
-    return client.get_logged_model(run.data.tags["model.uri"].removeprefix("models:/"))
+    return client.get_logged_model(run.data.tags[MODEL_URI_TAG].removeprefix("models:/"))
 
 
 def gate_best(client, paths: Paths, params: Params, best: Outcome, parent: str) -> dict:

@@ -31,6 +31,7 @@ from stages.tracking.gate import Champion, Decision, Gate, Items, Provenance, de
 
 TEST_HASH_TAG = "data.test_sha256"
 ADAPTER_HASH_TAG = "adapter.sha256"
+MODEL_URI_TAG = "model.uri"  # the run's logged MLflow Model, models:/<model id> (stages/record_run.py)
 PER_ITEM_TAG = "eval.per_item"  # the run artifact holding the version's per-item test results
 PER_ITEM_ARTIFACT = Paths.predictions.relative  # logged under its path in the workspace
 LEGACY_PER_ITEM_ARTIFACT = "predictions.jsonl"  # where runs recorded before the tag logged them
