@@ -95,7 +95,7 @@ bench-serving: venv
 	$(RUN) $(BIN)/python -m bench.serving_speed
 
 # The diamonds arriving in three deliveries (80%, 12%, 8%) into a folder of a fresh clone of HEAD, the flow run
-# after each: test items kept and added, the gate's decisions, the history (about 25 minutes on 2 cores).
+# after each: test items kept and added, the gate's decisions, the history (docs/performance.md).
 bench-schedule: venv
 	$(RUN) $(BIN)/python -m bench.retrain_schedule
 

@@ -5,12 +5,12 @@ model) reads its data from a folder, data/raw/diamonds/, tracked by `dvc add` as
 (plotnine's table, described as the embedded source describes them) are shuffled with a fixed seed and cut into
 deliveries (`--shares`, default 80%, 12%, 8%). For each delivery: write it as one more CSV file into the folder,
 `dvc add data/raw/diamonds`, commit, run `python -m flows`, commit dvc.lock. Then prints, per delivery, the test
-items kept and added since the run before, the primary metric with its interval, the gate's decision with its
-reason, and the flow's wall time; and the retrain history as `python -m flows.history` prints it. Writes
-bench/results/retrain_schedule.json with the machine it ran on.
+items kept and added since the run before, the training rows new to the run, whom the gate compared with and
+on how many items, its decision with the reason, and the flow's wall time; and the retrain history as
+`python -m flows.history` prints it. Writes bench/results/retrain_schedule.json with the machine it ran on.
 
-Each delivery is a whole default run (about 7 minutes on a 2-core CPU), plus the champion's re-scoring when the
-test set grew by more than `tracking.min_shared` allows.
+Each delivery is a whole default run (minutes on a 2-core CPU: docs/performance.md), plus the champion's
+re-scoring when the test set grew by more than `tracking.min_shared` allows.
 
 Run: `python -m bench.retrain_schedule [--shares 0.8,0.12,0.08] [--keep DIR]` (or `make bench-schedule`).
 """
@@ -56,7 +56,8 @@ def outcome(root: Path, seconds: float, rows: int) -> dict:
     """What one retrain left in the workspace: the data summary, the gate's record, the time."""
     data = read_json(root / "metrics" / "data.json")
     record = read_json(root / "reports" / "mlflow_run.json")
-    test = (data.get("since_last_run") or {}).get("test") or {}
+    since = data.get("since_last_run") or {}
+    test, train = since.get("test") or {}, since.get("train") or {}
     comparison = record.get("comparison") or {}
     return {
         "delivered_rows": rows,
@@ -65,7 +66,9 @@ def outcome(root: Path, seconds: float, rows: int) -> dict:
         "test_kept": test.get("kept"),
         "test_added": test.get("added"),
         "test_removed": test.get("removed"),
-        "moved": (data.get("since_last_run") or {}).get("moved"),
+        "moved": since.get("moved"),
+        "train_items": data["train"]["n"],
+        "train_new": train.get("added"),
         "metric": comparison.get("metric"),
         "candidate": comparison.get("candidate"),
         "reference": comparison.get("reference"),
@@ -81,7 +84,20 @@ def outcome(root: Path, seconds: float, rows: int) -> dict:
     }
 
 
-COLUMNS = ("delivery", "rows in", "test", "kept", "added", "compared", "with", "version", "decision", "time")
+COLUMNS = (
+    "delivery",
+    "rows in",
+    "test",
+    "kept",
+    "added",
+    "train",
+    "new",
+    "compared",
+    "with",
+    "version",
+    "decision",
+    "time",
+)
 
 
 def compared_with(comparison: dict) -> str:
@@ -95,7 +111,8 @@ def compared_with(comparison: dict) -> str:
 
 
 def table(results: list[dict]) -> str:
-    """One line per delivery: rows in, test items (kept and added since the run before), the items the gate
+    """One line per delivery: rows in, test items (kept and added since the run before), train items (new to
+    this run's training: n_train keeps the size, new rows can take old ones' places), the items the gate
     compared and with what, the version registered, its alias, the flow's wall time."""
 
     def shown(value) -> str:
@@ -105,7 +122,8 @@ def table(results: list[dict]) -> str:
     for number, r in enumerate(results, start=1):
         decision = "champion" if r["promoted"] else (r["alias"] or "none")
         minutes = f"{r['seconds'] // 60:.0f} m {r['seconds'] % 60:02.0f} s"
-        counts = [shown(r[key]) for key in ("rows_in", "test_items", "test_kept", "test_added", "compared_items")]
+        counted = ("rows_in", "test_items", "test_kept", "test_added", "train_items", "train_new", "compared_items")
+        counts = [shown(r[key]) for key in counted]
         rows.append((number, *counts, r["compared_with"], f"v{r['version']}", decision, minutes))
     widths = [max(len(str(cell)) for cell in column) for column in zip(COLUMNS, *rows, strict=True)]
     lines = ["  ".join(f"{cell:>{width}}" for cell, width in zip(row, widths, strict=True)) for row in [COLUMNS, *rows]]

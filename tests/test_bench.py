@@ -187,10 +187,11 @@ def test_the_retrain_schedule_delivers_every_diamond_once_in_the_shares_asked():
     assert [len(part) for part in parts] == [43_152, 6_473, 4_315]  # of 53,940
     assert sum(len(part) for part in parts) == 53_940 and deliveries([0.8, 0.12, 0.08])[2] == parts[2]  # seeded
     outcome = {
-        "rows_in": 43_152, "test_items": 171, "test_kept": None, "test_added": None, "compared_items": 171,
+        "rows_in": 43_152, "test_items": 171, "test_kept": None, "test_added": None, "train_items": 600,
+        "train_new": None, "compared_items": 171,
         "compared_with": "base model", "version": "1", "alias": "champion", "promoted": True, "seconds": 421.0,
     }  # fmt: skip
     lines = table([outcome, {**outcome, "test_kept": 171, "test_added": 25, "promoted": False, "alias": "challenger"}])
     first, second = lines.splitlines()[2:]
-    assert " ".join(first.split()) == "1 43,152 171 - - 171 base model v1 champion 7 m 01 s"
+    assert " ".join(first.split()) == "1 43,152 171 - - 600 - 171 base model v1 champion 7 m 01 s"
     assert second.split()[3:5] == ["171", "25"] and "challenger" in second
