@@ -35,13 +35,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"history: {exc}", file=sys.stderr)
         return 1
     store = shown_uri(tracking_uri(paths, params))
-    rows = history.retrains(client_for(paths, params), params.tracking.experiment)
+    client = client_for(paths, params)
+    rows = history.retrains(client, params.tracking.experiment)
     if not rows:
         print(f"no retrains recorded yet in experiment {params.tracking.experiment!r} of {store}: run `make demo`")
         return 0
     shown = rows[-args.last :] if args.last > 0 else rows
     print(f"Retrains of {params.tracking.registered_model} in {store} ({len(shown)} of {len(rows)}):\n")
     print(history.markdown_table(shown))
+    note = history.closed_note(client, params.tracking.experiment)
+    if note:
+        print(f"\n{note}")
     picture = Path(args.chart) if args.chart else paths.root / "reports" / "history.png"
     picture.parent.mkdir(parents=True, exist_ok=True)
     history.chart(shown, picture)

@@ -1,7 +1,8 @@
 """Prefect flow `retrain`: ask DVC what changed, rebuild it stage by stage, record it in MLflow, report.
 
 1. Take the workspace (flows/workspace.py): a second retrain on the same folder waits
-   `flow.lock_wait_seconds`, then stops with a message naming the first.
+   `flow.lock_wait_seconds`, then stops with a message naming the first. The MLflow runs that processes of this
+   workspace left RUNNING when they died are closed then (stages/tracking/orphans.py) and listed in the report.
 2. `dvc status`: when nothing changed (data, params, code), end within seconds with an "up to date"
    report: no training, no MLflow run.
 3. Open one MLflow run and run each stage as a Prefect task, `dvc repro <stage>` (serially, so DVC's lock
@@ -41,8 +42,10 @@ from prefect.runtime import deployment, flow_run
 from flows.remote import PushFailed, push_outputs, push_target
 from flows.workspace import (
     PROJECT_ROOT,
+    Holding,
     StatusAhead,
     busy_message,
+    close_orphans,
     command_line,
     describe_changes,
     lock_committed,
@@ -57,6 +60,7 @@ from stages.common.paths import Paths
 from stages.common.report import comparison_markdown, comparison_table, data_markdown, promotion_markdown
 from stages.tracking import history
 from stages.tracking.names import TIMING, metric_name
+from stages.tracking.orphans import Closed, closed_markdown
 from stages.tracking.runs import log_metrics, run_name, start_pipeline_run
 from stages.tracking.store import client_for, is_server, require_server, shown_uri, tracking_uri
 
@@ -176,8 +180,8 @@ def timings(stage_seconds: dict[str, float]) -> str:
 def trained_report(
     metrics: dict, record: dict, data: dict, changes: str, hint: str, stage_seconds: dict, past: str
 ) -> str:
-    """The report of a run that trained: comparison, promotion, data, the history of retrains (`past`, a
-    Markdown table), what changed and the stage times."""
+    """The report of a run that trained: comparison, promotion, data, the history of retrains (`past`, Markdown),
+    what changed and the stage times."""
     return (
         f"# Retrain report: retrained\n\n## Comparison on the test set\n\n{comparison_markdown(metrics)}\n\n"
         f"## Promotion\n\n{promotion_markdown(record)}\n\n{hint}\n\n## Data\n\n{data_markdown(data)}\n\n"
@@ -186,8 +190,24 @@ def trained_report(
     )
 
 
+def closed_section(closed: list[Closed]) -> str:
+    """The report's section on the runs closed when this run took the workspace ("" when none)."""
+    return f"\n## Runs closed\n\n{closed_markdown(closed)}" if closed else ""
+
+
+def past_retrains(client, experiment: str) -> str:
+    """The history of retrains as Markdown: the table, and how many runs were closed after their process died."""
+    table = history.markdown_table(history.retrains(client, experiment))
+    note = history.closed_note(client, experiment)
+    return f"{table}\n\n{note}" if note else table
+
+
 def publish(markdown: str, description: str) -> None:
     create_markdown_artifact(markdown, key=REPORT_KEY, description=description)
+
+
+def orphans_closed(paths: Paths, params: Params, holding: Holding) -> list[Closed]:
+    return close_orphans(paths, params, holding, closer=f"retrain flow run {flow_run.get_name()}")
 
 
 @dataclass(frozen=True)
@@ -229,18 +249,23 @@ def share_outputs(paths: Paths, params: Params, target: tuple[str, str] | None) 
     return Shared(f"\n## Shared outputs\n\n{pushed.line()}.\n", pushed.line())
 
 
-def up_to_date(paths: Paths, params: Params, target: tuple[str, str] | None) -> dict:
-    """Report that nothing changed, naming the last recorded run; start nothing but the push (flow.push)."""
+def up_to_date(paths: Paths, params: Params, target: tuple[str, str] | None, holding: Holding) -> dict:
+    """Report that nothing changed, naming the last recorded run; start nothing but the push (flow.push), and
+    close the runs left RUNNING when the last holder of the workspace was killed."""
+    closed = orphans_closed(paths, params, holding) if holding.stale else []
     last = read_json(paths.run_record) if paths.run_record.is_file() else {}
     since = f" The last recorded run is `{last['run_id']}` in `{last['tracking_uri']}`." if last else ""
     print("up to date: data, params and code match dvc.lock; nothing to retrain")
     shared = share_outputs(paths, params, target)
     shared.publish(
         "# Retrain report: up to date\n\nNothing changed since dvc.lock was written (data, params and code "
-        f"all match), so nothing was trained and no MLflow run was started.{since}\n",
+        f"all match), so nothing was trained and no MLflow run was started.{since}\n{closed_section(closed)}",
         "up to date",
     )
-    return {"state": "up to date", "run_id": None, "last_run_id": last.get("run_id"), "pushed": shared.line}
+    return {
+        "state": "up to date", "run_id": None, "last_run_id": last.get("run_id"), "pushed": shared.line,
+        "closed_runs": [run.run_id for run in closed],
+    }  # fmt: skip
 
 
 def run_stages(paths: Paths, params: Params, run_id: str) -> dict[str, float]:
@@ -263,10 +288,13 @@ def run_stages(paths: Paths, params: Params, run_id: str) -> dict[str, float]:
     return stage_seconds
 
 
-def retrain_changed(paths: Paths, params: Params, changes: str, target: tuple[str, str] | None) -> dict:
-    """Check the MLflow server (a down one stops the run before training), run the stages into one MLflow
-    run, close it, push the outputs (flow.push) and publish the report."""
+def retrain_changed(
+    paths: Paths, params: Params, changes: str, target: tuple[str, str] | None, holding: Holding
+) -> dict:
+    """Check the MLflow server (a down one stops the run before training), close the runs dead processes left
+    RUNNING, run the stages into one MLflow run, close it, push the outputs (flow.push) and publish the report."""
     require_server(tracking_uri(paths, params))
+    closed = orphans_closed(paths, params, holding)
     client = client_for(paths, params)
     lock = paths.root / "dvc.lock"  # still the last run's: no stage has run yet
     name = run_name("retrain", lock.read_text(encoding="utf-8") if lock.is_file() else None, params_by_key(params))
@@ -280,18 +308,25 @@ def retrain_changed(paths: Paths, params: Params, changes: str, target: tuple[st
         stage_seconds = run_stages(paths, params, run_id)
     except Exception as exc:
         client.set_terminated(run_id, status="FAILED")
-        publish(f"# Retrain report: failed\n\n{exc}\n\n{hint}\n\n## What changed\n\n```\n{changes}\n```\n", "failed")
+        publish(
+            f"# Retrain report: failed\n\n{exc}\n\n{hint}\n\n## What changed\n\n```\n{changes}\n```\n"
+            f"{closed_section(closed)}",
+            "failed",
+        )
         raise
     record = read_json(paths.run_record)
     if record["run_id"] != run_id:  # record_run was up to date: nothing it reads changed
         client.delete_run(run_id)
         shared = share_outputs(paths, params, target)
-        shared.publish(f"# Retrain report: outputs unchanged\n\n```\n{changes}\n```\n", "outputs unchanged")
+        shared.publish(
+            f"# Retrain report: outputs unchanged\n\n```\n{changes}\n```\n{closed_section(closed)}", "outputs unchanged"
+        )
         return {
             "state": "outputs unchanged",
             "run_id": record["run_id"],
             "stage_seconds": stage_seconds,
             "pushed": shared.line,
+            "closed_runs": [run.run_id for run in closed],
         }
     times = {metric_name(TIMING, f"{stage}_seconds"): seconds for stage, seconds in stage_seconds.items()}
     log_metrics(client, run_id, times)
@@ -310,9 +345,10 @@ def retrain_changed(paths: Paths, params: Params, changes: str, target: tuple[st
             "sweep), commit it: git add dvc.lock && git commit -m 'pipeline results'"
         )
     shared = share_outputs(paths, params, target)
-    past = history.markdown_table(history.retrains(client, params.tracking.experiment))
+    past = past_retrains(client, params.tracking.experiment)
     print(f"\nretrain history (python -m flows.history):\n{past}")
-    shared.publish(trained_report(metrics, record, data, changes, hint, stage_seconds, past), "retrained")
+    report = trained_report(metrics, record, data, changes, hint, stage_seconds, past) + closed_section(closed)
+    shared.publish(report, "retrained")
     return {
         "state": "retrained",
         "run_id": run_id,
@@ -320,6 +356,7 @@ def retrain_changed(paths: Paths, params: Params, changes: str, target: tuple[st
         "promotion": record,
         "stage_seconds": stage_seconds,
         "pushed": shared.line,
+        "closed_runs": [run.run_id for run in closed],
     }
 
 
@@ -345,14 +382,14 @@ def retrain(project_dir: str = str(PROJECT_ROOT)) -> dict:
     """Retrain what changed in `project_dir`, record it and report; return the state, run id and metrics."""
     paths = Paths.at(project_dir)
     params = load_params(paths.params)
-    with workspace_lock(paths, params.flow.lock_wait_seconds, owner=f"flow run {flow_run.get_name()}") as waited:
+    with workspace_lock(paths, params.flow.lock_wait_seconds, owner=f"flow run {flow_run.get_name()}") as holding:
         target = push_target(paths.root, params.flow.remote) if params.flow.push else None  # before training
-        changes = workspace_changes(paths, stale=waited)
+        changes = workspace_changes(paths, stale=holding.waited)
         if not changes:
-            return up_to_date(paths, params, target)
+            return up_to_date(paths, params, target, holding)
         summary = describe_changes(changes)
         print(f"changed since the last run:\n{summary}")
-        return retrain_changed(paths, params, summary, target)
+        return retrain_changed(paths, params, summary, target, holding)
 
 
 def run_settings(quick: bool):

@@ -34,7 +34,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.retrain import mlflow_hint, run_settings
-from flows.workspace import PROJECT_ROOT, lock_committed, stage_environment, workspace_lock
+from flows.workspace import PROJECT_ROOT, close_orphans, lock_committed, stage_environment, workspace_lock
 from stages.common.config import Params, load_params
 from stages.common.errors import ConfigError, StageError
 from stages.common.io import write_json, write_text
@@ -145,8 +145,9 @@ def sweep(project_dir: str = str(PROJECT_ROOT), jobs: int | None = None) -> dict
     require_commit(paths.root)
     uri = tracking_uri(paths, params)
     require_server(uri)
-    with workspace_lock(paths, params.flow.lock_wait_seconds, owner=f"sweep {sweep_id}"):
+    with workspace_lock(paths, params.flow.lock_wait_seconds, owner=f"sweep {sweep_id}") as holding:
         require_idle_queue(paths.root, stage_environment({}))
+        close_orphans(paths, params, holding, closer=f"sweep {sweep_id}")
         client = client_for(paths, params)
         parent = start_parent_run(client, paths, params, sweep_id, trials, jobs)
         env = trial_environment(sweep_id, parent, trials, uri, jobs)

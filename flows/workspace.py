@@ -3,7 +3,11 @@
 - `workspace_lock(paths, wait_seconds, owner)`: one retrain at a time per workspace. A second one waits up to
   `wait_seconds` for the first, then stops with `WorkspaceBusy` naming the holder (pid, host, start time,
   flow run), so dvc.lock, the DVC cache and mlflow.db only ever have one writer. The lock is an OS file
-  lock on .cache/retrain.lock: it dies with its process, so a killed run never leaves a stale lock.
+  lock on .cache/retrain.lock: it dies with its process, so a killed run never leaves a stale lock; the
+  holder's record in the file stays, though, which is how the next holder knows the last one was killed
+  (`Holding.stale`).
+- `close_orphans(paths, params, holding, closer)`: once held, close the MLflow runs that processes of this workspace
+  which are gone left RUNNING.
 - `pipeline_changes(root)`: `dvc status --json`, i.e. the stages whose data, params or code changed since
   dvc.lock was written; empty when the pipeline is up to date.
 """
@@ -19,10 +23,15 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from stages.common.config import Params
+from stages.common.io import read_json
 from stages.common.paths import Paths
+from stages.tracking.orphans import Closed, close_orphaned_runs
+from stages.tracking.store import TrackingUnreachable, client_for, require_server, store_root, tracking_uri
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,18 +69,42 @@ def _try_lock(handle) -> bool:
     return True
 
 
-def _holder(lock_file: Path) -> str:
+def _holder_record(text: str) -> dict | None:
     try:
-        info = json.loads(lock_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        info = json.loads(text)
+    except ValueError:
+        return None
+    return info if isinstance(info, dict) and {"pid", "host", "owner", "since"} <= info.keys() else None
+
+
+def describe_holder(info: dict | None) -> str:
+    """ "pid 12 on host, flow run x, since 2026-..." for a lock file's record (from `Holding.stale`, say)."""
+    if info is None:
         return "holder unknown"
     return f"pid {info['pid']} on {info['host']}, {info['owner']}, since {info['since']}"
+
+
+def _holder(lock_file: Path) -> str:
+    try:
+        return describe_holder(_holder_record(lock_file.read_text(encoding="utf-8")))
+    except OSError:
+        return "holder unknown"
+
+
+@dataclass(frozen=True)
+class Holding:
+    """What taking the workspace found: whether it had to wait for another holder (what was read of the workspace
+    before may then be out of date), and `stale`, the record of a holder that died without letting go (killed:
+    its MLflow runs may still say RUNNING), or None."""
+
+    waited: bool
+    stale: dict | None
 
 
 @contextmanager
 def workspace_lock(paths: Paths, wait_seconds: float, owner: str):
     """Hold the workspace for one retrain; wait up to `wait_seconds` for another one, then raise WorkspaceBusy.
-    Yields whether it had to wait (what was read of the workspace before may then be out of date)."""
+    Yields a `Holding`."""
     lock_file = paths.workspace_lock
     lock_file.parent.mkdir(parents=True, exist_ok=True)
     with lock_file.open("a+", encoding="utf-8") as handle:
@@ -86,15 +119,35 @@ def workspace_lock(paths: Paths, wait_seconds: float, owner: str):
                     "let it finish (or stop it) and run again, or set flow.lock_wait_seconds to wait for it"
                 )
             time.sleep(min(1.0, max(deadline - time.monotonic(), 0.05)))
+        handle.seek(0)
+        stale = _holder_record(handle.read())  # a holder that lets go empties the file: this one died
         handle.truncate(0)
         since = datetime.now(UTC).isoformat(timespec="seconds")
         handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "owner": owner, "since": since}))
         handle.flush()
         try:
-            yield waited
+            yield Holding(waited, stale)
         finally:
             handle.truncate(0)
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def close_orphans(paths: Paths, params: Params, holding: Holding, closer: str) -> list[Closed]:
+    """Once the workspace is held: close the MLflow runs its dead processes left RUNNING (stages/tracking/orphans.py),
+    saying so; `closer` names who closes them. A tracking server that does not answer leaves them for next time."""
+    if holding.stale:
+        print(f"the last holder of {paths.root} ({describe_holder(holding.stale)}) ended without letting go: killed")
+    try:
+        require_server(tracking_uri(paths, params))
+    except TrackingUnreachable as exc:
+        print(f"runs left RUNNING by dead processes stay open for now: {exc}")
+        return []
+    record = read_json(paths.run_record) if paths.run_record.is_file() else {}
+    client = client_for(paths, params)
+    closed = close_orphaned_runs(client, params.tracking.experiment, store_root(paths), closer, record.get("run_id"))
+    for run in closed:
+        print(f"closed MLflow run {run.run_id} ({run.name}) as {run.status}: {run.reason}")
+    return closed
 
 
 def busy_message(paths: Paths) -> str | None:

@@ -15,6 +15,7 @@ from stages.common.paths import Paths
 from stages.record_run import rescorer
 from stages.tracking import history
 from stages.tracking.names import ADAPTER_TEST_METRICS, adapter_test_metrics
+from stages.tracking.orphans import origin_tags
 from stages.tracking.registry import (
     MODEL_URI_TAG,
     TEST_HASH_TAG,
@@ -26,6 +27,7 @@ from stages.tracking.registry import (
     register_adapter,
 )
 from stages.tracking.runs import experiment_id, git_tags, log_metrics, source_tags
+from stages.tracking.store import store_root
 from sweeps.plan import Trial
 from sweeps.queue import FAILED, SUCCESS, Watch, restored_records, trial_log
 from sweeps.report import Outcome
@@ -38,7 +40,7 @@ def start_parent_run(client, paths: Paths, params: Params, sweep_id: str, trials
         experiment_id(client, paths, params.tracking.experiment),
         run_name=f"{sweep_id}: {keys}",
         tags={"started_by": "sweep", "sweep.id": sweep_id, "sweep.keys": ",".join(trials[0].swept),
-              **source_tags("sweep"), **git_tags(paths.root)},
+              **source_tags("sweep"), **git_tags(paths.root), **origin_tags(store_root(paths))},
     )  # fmt: skip
     sweep = params.sweep
     for key, value in {

@@ -43,14 +43,15 @@ def test_a_second_retrain_stops_with_the_holder_named(tmp_path):
 def test_a_second_retrain_waits_for_the_first_when_asked(tmp_path):
     holder = hold_lock(tmp_path, 1.5)
     started = time.monotonic()
-    with workspace_lock(Paths.at(tmp_path), 30, owner="second") as had_to_wait:
+    with workspace_lock(Paths.at(tmp_path), 30, owner="second") as holding:
         waited = time.monotonic() - started
         assert "second" in busy_message(Paths.at(tmp_path))
     holder.wait()
     assert 0.5 < waited < 30
-    assert had_to_wait  # so the flow asks DVC again rather than trust an answer from before the wait
-    with workspace_lock(Paths.at(tmp_path), 30, owner="third") as had_to_wait:
-        assert not had_to_wait
+    assert holding.waited  # so the flow asks DVC again rather than trust an answer from before the wait
+    assert holding.stale is None  # the first let go
+    with workspace_lock(Paths.at(tmp_path), 30, owner="third") as holding:
+        assert not holding.waited
 
 
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
@@ -58,8 +59,10 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     holder.kill()
     holder.wait()
     assert busy_message(Paths.at(tmp_path)) is None
-    with workspace_lock(Paths.at(tmp_path), 0, owner="after a crash"):
-        pass
+    with workspace_lock(Paths.at(tmp_path), 0, owner="after a crash") as holding:
+        assert holding.stale["pid"] == holder.pid and holding.stale["owner"] == "flow run first-run"
+    with workspace_lock(Paths.at(tmp_path), 0, owner="after that") as holding:
+        assert holding.stale is None  # the one before let go
 
 
 def test_flow_refuses_to_start_on_a_busy_workspace(tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import glob
 import hashlib
 import json
 import os
@@ -19,10 +20,14 @@ from stages.common.errors import InputError
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success rename it over `target` (file or folder).
 
-    On an exception the temporary path is removed and whatever was at `target` stays untouched.
+    On an exception the temporary path is removed and whatever was at `target` stays untouched. What a writer
+    killed with SIGKILL left beside `target` (its temporary folder, no exit hook ran) is removed first: an output
+    has one writer at a time (a stage's, under DVC's lock).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in target.parent.glob(f".{glob.escape(target.name)}.*"):
+        shutil.rmtree(leftover, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent)) / target.name
     try:
         yield tmp

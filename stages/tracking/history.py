@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from stages.common.charts import pyplot, save
+from stages.tracking.orphans import closed_count
 from stages.tracking.registry import CHAMPION_AFTER_TAG, PRIMARY_METRIC_PREFIX, PRIMARY_METRIC_TAG
 
 DESCRIPTION_ROWS = 25  # the last retrains shown in the registered model's description (MLflow caps its length)
@@ -112,6 +113,15 @@ def markdown_table(history: list[Retrain]) -> str:
             f"{'v' + r.champion_after if r.champion_after else '-'} |"
         )
     return "\n".join(lines)
+
+
+def closed_note(client, experiment_name: str) -> str:
+    """A line counting the runs of `experiment_name` that a dead process left RUNNING and a later retrain closed
+    (stages/tracking/orphans.py; they never reached the gate, so the table leaves them out), or "" when none."""
+    closed = closed_count(client, experiment_name)
+    if not closed:
+        return ""
+    return f"{closed} run(s) left RUNNING by a process that died, closed by a later retrain (tag `orphan.reason`)"
 
 
 def description(history: list[Retrain], model_name: str) -> str:

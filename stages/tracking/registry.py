@@ -144,6 +144,21 @@ def find_version(client, model_name: str, sha256: str):
     return None
 
 
+def interrupted(client, version) -> bool:
+    """Whether `version` is a registration its process never finished: gated (it carries the decision's
+    `promotion.alias` tag) yet holding no alias, its run ended (not a registration in progress elsewhere) without
+    the `registry.version` tag the gate sets on the run once the alias is set."""
+    from mlflow.exceptions import MlflowException
+
+    if version.aliases or "promotion.alias" not in version.tags or not version.run_id:
+        return False
+    try:
+        run = client.get_run(version.run_id)
+    except MlflowException:
+        return False
+    return run.info.status != "RUNNING" and run.data.tags.get("registry.version") != str(version.version)
+
+
 def decision_tags(decision: Decision) -> dict[str, str]:
     """The decision as tags (run and version): the alias, the reason, and the comparison's numbers and basis."""
     tags = {
@@ -187,6 +202,13 @@ def register_adapter(
 
     sha256 = adapter_sha256(adapter_dir)
     existing = find_version(client, cfg.registered_model, sha256)
+    if existing is not None and interrupted(client, existing):
+        print(
+            f"version {existing.version} of {cfg.registered_model} was registered by run {existing.run_id}, whose "
+            "process died before the gate set its alias: deleted, registered again for this run"
+        )
+        client.delete_model_version(cfg.registered_model, existing.version)
+        existing = None
     if existing is not None:
         aliases = ", ".join(existing.aliases) or "no alias"
         return {

@@ -25,6 +25,7 @@ from stages.common.paths import Paths
 from stages.common.rows import key_digest, row_key
 from stages.tracking.gate import Provenance
 from stages.tracking.names import adapter_test_metrics, curve
+from stages.tracking.orphans import origin_tags
 from stages.tracking.registry import (
     MEMBERSHIP_TAG,
     PER_ITEM_ARTIFACT,
@@ -264,14 +265,16 @@ def committed_lock(root: Path) -> str | None:
 def start_pipeline_run(
     paths: Paths, params: Params, started_by: str, run_name: str | None = None, tags: dict | None = None
 ) -> str:
-    """Open an MLflow run for one pipeline execution, tagged with how it started (and `tags`); return its id.
-    Stages log into it while they run when its id is in $MLFLOW_RUN_ID."""
+    """Open an MLflow run for one pipeline execution, tagged with how it started, who opened it (so a later retrain
+    can close it if this process dies: stages/tracking/orphans.py) and `tags`; return its id. Stages log into it
+    while they run when its id is in $MLFLOW_RUN_ID."""
     client = client_for(paths, params)
     tags = {
         "started_by": started_by,
         **source_tags(started_by),
         **git_tags(paths.root),
         **library_tags(),
+        **origin_tags(store_root(paths)),
         **(tags or {}),
     }
     run = client.create_run(experiment_id(client, paths, params.tracking.experiment), run_name=run_name, tags=tags)
