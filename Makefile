@@ -111,11 +111,14 @@ prefect-server: venv
 # Serve the retrain flow on flow.schedule (params.yaml) against that server; Ctrl-C pauses the schedule.
 PREFECT_API_URL ?= http://127.0.0.1:4200/api
 serve: venv
+	$(RUN) PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/python -m flows.heartbeats
 	$(RUN) PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/python -m flows.serve
 
 # The deployment in prefect.yaml on a process work pool, and a worker that runs it from this checkout
-# (docs/operations.md, "Prefect workers"). Both need the Prefect server above.
+# (docs/operations.md, "Prefect workers"). Both need the Prefect server above. `serve` and `deploy` also create
+# the automation that marks a flow run Crashed when its heartbeats stop (flows/heartbeats.py).
 deploy: venv
+	$(RUN) PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/python -m flows.heartbeats
 	$(RUN) PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/prefect work-pool inspect retrain-pool >/dev/null 2>&1 || \
 		$(RUN) PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/prefect work-pool create retrain-pool --type process
 	$(RUN) PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/prefect --no-prompt deploy --name worker-retrain

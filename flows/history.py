@@ -3,7 +3,8 @@
 Reads the MLflow store params `tracking` names (or $MLFLOW_TRACKING_URI): one row per run the promotion gate
 decided on, oldest first, with when it ran, the rows its data had, its test items (kept and added since the
 run before), the primary metric with its interval, the decision and the champion after it
-(stages/tracking/history.py). The chart goes to reports/history.png (--chart).
+(stages/tracking/history.py); then how many runs a dead process left RUNNING were closed later. The chart
+goes to reports/history.png (--chart).
 
 Run: `python -m flows.history [--last N] [--chart PATH] [--project-dir DIR]` (or `make history`).
 """
