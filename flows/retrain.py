@@ -62,7 +62,14 @@ from stages.tracking import history
 from stages.tracking.names import TIMING, metric_name
 from stages.tracking.orphans import Closed, closed_markdown
 from stages.tracking.runs import log_metrics, run_name, start_pipeline_run
-from stages.tracking.store import client_for, is_server, require_server, shown_uri, tracking_uri
+from stages.tracking.store import (
+    TrackingUnreachable,
+    client_for,
+    is_server,
+    require_server,
+    shown_uri,
+    tracking_uri,
+)
 
 STAGES = (
     "base_model",
@@ -252,7 +259,13 @@ def share_outputs(paths: Paths, params: Params, target: tuple[str, str] | None) 
 def up_to_date(paths: Paths, params: Params, target: tuple[str, str] | None, holding: Holding) -> dict:
     """Report that nothing changed, naming the last recorded run; start nothing but the push (flow.push), and
     close the runs left RUNNING when the last holder of the workspace was killed."""
-    closed = orphans_closed(paths, params, holding) if holding.stale else []
+    closed = []
+    if holding.stale:  # only then: a no-op retrain need not start MLflow
+        try:
+            require_server(tracking_uri(paths, params))
+            closed = orphans_closed(paths, params, holding)
+        except TrackingUnreachable as exc:
+            print(f"runs left RUNNING by dead processes stay open for now: {exc}")
     last = read_json(paths.run_record) if paths.run_record.is_file() else {}
     since = f" The last recorded run is `{last['run_id']}` in `{last['tracking_uri']}`." if last else ""
     print("up to date: data, params and code match dvc.lock; nothing to retrain")

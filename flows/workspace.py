@@ -31,7 +31,7 @@ from stages.common.config import Params
 from stages.common.io import read_json
 from stages.common.paths import Paths
 from stages.tracking.orphans import Closed, close_orphaned_runs
-from stages.tracking.store import TrackingUnreachable, client_for, require_server, store_root, tracking_uri
+from stages.tracking.store import client_for, store_root
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -133,15 +133,10 @@ def workspace_lock(paths: Paths, wait_seconds: float, owner: str):
 
 
 def close_orphans(paths: Paths, params: Params, holding: Holding, closer: str) -> list[Closed]:
-    """Once the workspace is held: close the MLflow runs its dead processes left RUNNING (stages/tracking/orphans.py),
-    saying so; `closer` names who closes them. A tracking server that does not answer leaves them for next time."""
+    """Once the workspace is held and the tracking server answered (`require_server`): close the MLflow runs its dead
+    processes left RUNNING (stages/tracking/orphans.py), saying so; `closer` names who closes them."""
     if holding.stale:
         print(f"the last holder of {paths.root} ({describe_holder(holding.stale)}) ended without letting go: killed")
-    try:
-        require_server(tracking_uri(paths, params))
-    except TrackingUnreachable as exc:
-        print(f"runs left RUNNING by dead processes stay open for now: {exc}")
-        return []
     record = read_json(paths.run_record) if paths.run_record.is_file() else {}
     client = client_for(paths, params)
     closed = close_orphaned_runs(client, params.tracking.experiment, store_root(paths), closer, record.get("run_id"))

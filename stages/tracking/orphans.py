@@ -122,9 +122,7 @@ def close_orphaned_runs(
 
 
 def closed_markdown(closed: list[Closed]) -> str:
-    """The runs closed, as a report section's body ("" when none)."""
-    if not closed:
-        return ""
+    """The runs closed, as a report section's body."""
     rows = "\n".join(f"| `{c.run_id}` | {c.name} | {c.status} | {c.reason} |" for c in closed)
     return (
         f"{len(closed)} MLflow run(s) left RUNNING by a process that is gone, closed now:\n\n"
