@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     set_threads(0)
     rows = read_jsonl(paths.split("test"))[: args.items]
     tokenizer = load_tokenizer(paths.base_model)
-    model = load_adapter_model(paths.base_model, paths.adapter, params.quantization)
+    model = load_adapter_model(paths.base_model, paths.adapter, params.quantization, params.evaluate.dequantize_on_cpu)
     prompts = build_prompts(tokenizer, rows, params.prompt, params.evaluate.max_new_tokens)
     generate(model, tokenizer, prompts[:2], params.evaluate, "warm-up")
     batched, batched_seconds = timed(generate, model, tokenizer, prompts, params.evaluate, "batched")

@@ -53,6 +53,7 @@ from flows.workspace import (
     stage_environment,
     workspace_lock,
 )
+from serving.champion import tell_servers
 from stages.common.config import Params, load_params, params_by_key
 from stages.common.errors import TRANSIENT_EXIT
 from stages.common.io import read_json
@@ -362,6 +363,8 @@ def retrain_changed(
     print(f"\nretrain history (python -m flows.history):\n{past}")
     report = trained_report(metrics, record, data, changes, hint, stage_seconds, past) + closed_section(closed)
     shared.publish(report, "retrained")
+    if record.get("promoted"):
+        print(tell_servers(params.serve))
     return {
         "state": "retrained",
         "run_id": run_id,

@@ -35,6 +35,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.retrain import mlflow_hint, run_settings
 from flows.workspace import PROJECT_ROOT, close_orphans, lock_committed, stage_environment, workspace_lock
+from serving.champion import tell_servers
 from stages.common.config import Params, load_params
 from stages.common.errors import ConfigError, StageError
 from stages.common.io import write_json, write_text
@@ -199,6 +200,8 @@ def conclude(client, paths: Paths, params: Params, sweep, trials, watch: Watch, 
     log_metrics(client, parent, summary)
     client.set_terminated(parent, status="FINISHED" if best else "FAILED")
     print(f"\n{markdown}\nreport and chart: {folder}")
+    if decision and decision.get("promoted"):
+        print(tell_servers(params.serve))
     if best is None:
         raise StageError(f"{sweep_id}: every trial failed; their last lines are in the report ({folder})")
     return {

@@ -36,7 +36,23 @@ from stages.common.paths import Paths
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CODE = ("stages", "serving")  # the packages the model's code needs, copied into it
 MODEL_NAME = "pricer"  # the logged model's name in the run's experiment
-PIP_REQUIREMENTS = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "gguf", "pandas", "pyyaml")
+# The packages the model's code imports when it loads and predicts, pinned to this environment's versions.
+PIP_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "tokenizers", "safetensors",
+                "huggingface_hub", "gguf", "pandas", "pyyaml", "psutil")  # fmt: skip
+
+
+def pinned_requirements() -> list[str]:
+    """PIP_PACKAGES at the versions installed here, the environment the adapter was trained and scored in.
+
+    A build's local tag is dropped (torch 2.13.0+cpu is pinned as torch==2.13.0, which the CUDA builds of
+    2.13.0 satisfy too). MLflow reads these pins when it loads the model and warns, naming each package, when
+    the running versions differ; `mlflow models serve` with a virtualenv or conda env manager installs them.
+    """
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    return [f"{name}=={Version(version(name)).public}" for name in PIP_PACKAGES]
 
 
 def input_column(params: Params) -> str:
@@ -55,7 +71,11 @@ def model_config(params: Params, paths: Paths) -> dict:
         "shape": params.data.shape,
         "input_column": input_column(params),
         "prompt": asdict(params.prompt),
-        "generation": {"batch_size": params.evaluate.batch_size, "max_new_tokens": params.evaluate.max_new_tokens},
+        "generation": {
+            "batch_size": params.evaluate.batch_size,
+            "max_new_tokens": params.evaluate.max_new_tokens,
+            "dequantize_on_cpu": params.evaluate.dequantize_on_cpu,
+        },
         "quantization": asdict(params.quantization),
         "base": base,
     }
@@ -95,17 +115,68 @@ def resolve_base(base: dict) -> Path:
 ANSWER_SLOT = {"role": "assistant", "content": ""}  # the turn a chat input asks for, as a split row ends with it
 
 
+# The longest input text accepted. The prompt keeps at most prompt.max_length tokens of it, a few thousand
+# characters, so a longer one is a client's mistake that would only cost tokenizer time.
+MAX_INPUT_CHARS = 100_000
+
+
+class BadInput(StageError):
+    """An input row the model cannot answer: its message names the row, the field and what was expected."""
+
+
+def kind_of(value) -> str:
+    """How a JSON client would name what it sent: null, a number, a list, ..."""
+    if value is None or (isinstance(value, float) and value != value):
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return f"a number ({value})"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, (list, tuple)) or hasattr(value, "tolist"):
+        return "a list"
+    return type(value).__name__
+
+
+def checked_text(value, row: int, column: str) -> str:
+    """`value` when it is a non-empty text of at most MAX_INPUT_CHARS characters, else BadInput."""
+    if not isinstance(value, str):
+        raise BadInput(f"row {row}, field {column!r}: expected text, got {kind_of(value)}")
+    if not value.strip():
+        raise BadInput(f"row {row}, field {column!r}: expected text, got an empty string")
+    if len(value) > MAX_INPUT_CHARS:
+        raise BadInput(
+            f"row {row}, field {column!r}: {len(value):,} characters; at most {MAX_INPUT_CHARS:,} are accepted "
+            "(the prompt keeps only its first tokens)"
+        )
+    return value
+
+
+def checked_turns(value, row: int, column: str) -> list:
+    """A chat input as its list of role/content turns (given as a list, or as that list in JSON text)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(checked_text(value, row, column))
+        except json.JSONDecodeError as exc:
+            raise BadInput(f"row {row}, field {column!r}: expected a JSON list of turns ({exc})") from None
+    turns = value.tolist() if hasattr(value, "tolist") else value
+    if not isinstance(turns, list) or not all(isinstance(t, dict) and {"role", "content"} <= t.keys() for t in turns):
+        raise BadInput(f"row {row}, field {column!r}: expected a list of {{role, content}} turns, got {kind_of(value)}")
+    return turns
+
+
 def rows_from_frame(frame, shape: str, column: str) -> list[dict]:
-    """Split-shaped rows from the input column of a DataFrame. A chat input is the conversation so far (a
-    list of role/content turns, or that list as JSON text); the row gets the assistant turn to be answered."""
+    """Split-shaped rows from the input column of a DataFrame; BadInput naming the row and field for a value
+    that is not what the model reads. A chat input is the conversation so far (a list of role/content turns,
+    or that list as JSON text); the row gets the assistant turn to be answered."""
     if column not in frame.columns:
-        raise StageError(f"the input has no column {column!r} (columns: {list(frame.columns)})")
+        raise BadInput(f"the input has no column {column!r} (columns: {list(frame.columns)})")
     values = frame[column].tolist()
-    if shape == PRICE:
-        return [{"text": str(v)} for v in values]
     if shape == CHAT:
-        return [{"messages": [*(json.loads(v) if isinstance(v, str) else list(v)), ANSWER_SLOT]} for v in values]
-    return [{"prompt": str(v)} for v in values]
+        return [{"messages": [*checked_turns(v, i, column), ANSWER_SLOT]} for i, v in enumerate(values)]
+    field = "text" if shape == PRICE else "prompt"
+    return [{field: checked_text(v, i, column)} for i, v in enumerate(values)]
 
 
 class Pricer(mlflow.pyfunc.PythonModel):
@@ -125,12 +196,20 @@ class Pricer(mlflow.pyfunc.PythonModel):
         self.prompt = PromptConfig(**config["prompt"])
         self.generation = EvaluateConfig(**config["generation"])
         self.tokenizer = load_tokenizer(base)
-        self.model = load_adapter_model(base, adapter, QuantizationConfig(**config["quantization"]))
+        quantization = QuantizationConfig(**config["quantization"])
+        self.model = load_adapter_model(base, adapter, quantization, self.generation.dequantize_on_cpu)
         return self
 
     def predict(self, context, model_input, params=None):
-        """A DataFrame with `completion` (and `price` for the price shape), one row per input row."""
-        return self.answers(model_input)
+        """A DataFrame with `completion` (and `price` for the price shape), one row per input row; a row the
+        model cannot read is refused as a client error (HTTP 400 from a scoring server) naming row and field."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        try:
+            return self.answers(model_input)
+        except BadInput as exc:
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
 
     def answers(self, model_input):
         """`predict` without MLflow's context: the answers to a DataFrame (or records) of inputs."""
@@ -185,7 +264,7 @@ def save_model(folder: Path, config: dict, adapter: Path, test_rows: list[dict])
             code_paths=[str(REPO_ROOT / name) for name in CODE],
             signature=signature(config),
             input_example=input_example(config, test_rows),
-            pip_requirements=list(PIP_REQUIREMENTS),
+            pip_requirements=pinned_requirements(),
         )
     for cache in folder.rglob("__pycache__"):
         shutil.rmtree(cache, ignore_errors=True)

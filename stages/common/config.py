@@ -270,6 +270,7 @@ class EvaluateConfig(Section):
     bootstrap_samples: int = at_least(1000, 0)  # resamples for the 95% interval of the average error (0: none)
     topk_estimate: bool = False  # also score the one-pass top-k estimate, where prices are single tokens
     topk: int = at_least(5, 1)
+    dequantize_on_cpu: bool = True  # on a CPU, generate from the 4-bit weights dequantized once (same answers)
 
 
 @dataclass(frozen=True)
@@ -371,6 +372,18 @@ class SweepConfig(Section):
             self.fail("trials", "how many trials to draw (a number of at least 1) with method random")
 
 
+@dataclass(frozen=True)
+class ServeConfig(Section):
+    """`make serve-champion` (serving/champion.py): the server that follows the champion alias."""
+
+    SECTION: ClassVar[str] = "serve"
+    host: str = "127.0.0.1"  # the address it listens on (0.0.0.0: every interface)
+    port: int = at_least(5001, 1)
+    alias: str = "champion"  # the alias it follows
+    poll_seconds: int = at_least(60, 1)  # how often it reads the alias, besides being told by the retrain flow
+    start_timeout_seconds: int = at_least(900, 1)  # how long a new version may take to load and answer
+
+
 class Undeclared:
     """Stands in for a params section (or key) a stage did not declare: reading it fails, naming the fix."""
 
@@ -403,6 +416,7 @@ class Params:
     tracking: TrackingConfig
     flow: FlowConfig
     sweep: SweepConfig
+    serve: ServeConfig
 
     def only(self, declared: tuple[str, ...], stage: str) -> Params:
         """These params with every section (or `section.key`) not in `declared` replaced by a stand-in that

@@ -112,16 +112,72 @@ def release_weights_file(model) -> None:
                 tensor.data = tensor.data.clone()
 
 
-def load_adapter_model(base: Path, adapter: Path, cfg: QuantizationConfig):
+def load_adapter_model(base: Path, adapter: Path, cfg: QuantizationConfig, dequantize_on_cpu: bool = False):
     """The base from `base` (4-bit when `cfg.load_in_4bit`) with the LoRA adapter in `adapter`, in eval mode;
-    FileNotFoundError when `adapter` holds no adapter."""
+    FileNotFoundError when `adapter` holds no adapter.
+
+    `dequantize_on_cpu` (evaluate.dequantize_on_cpu, for generation: evaluation, serving, batch prediction):
+    on a CPU, the 4-bit weights are dequantized once into plain Linear layers (`dequantize_linear4bit`), with
+    the LoRA layers left unmerged on top, so the answers are the 4-bit model's; on CUDA the weights stay in
+    4 bits.
+    """
     from peft import PeftModel
 
     if not (adapter / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter}: no adapter_config.json; run train_qlora first")
-    model = PeftModel.from_pretrained(load_base(base, cfg), adapter)
+    model = load_base(base, cfg)
+    if dequantize_on_cpu and cfg.load_in_4bit and device() == "cpu":
+        dequantize_linear4bit(model)
+    model = PeftModel.from_pretrained(model, adapter)
     model.eval()
     return model
+
+
+def dequantized_bytes(model) -> int:
+    """Bytes the 4-bit linear layers of `model` take once dequantized (their weights in the compute dtype)."""
+    import bitsandbytes as bnb
+
+    return sum(
+        m.in_features * m.out_features * m.weight.quant_state.dtype.itemsize
+        for m in model.modules()
+        if isinstance(m, bnb.nn.Linear4bit)
+    )
+
+
+def dequantize_linear4bit(model) -> bool:
+    """Replace every bitsandbytes Linear4bit of `model` by a torch Linear holding its weight dequantized (exactly
+    the NF4 values, in the compute dtype) and its bias; True when done, False (with a warning) when the
+    dequantized weights would not fit in the memory this machine has free.
+
+    Why: bitsandbytes' CPU path dequantizes every 4-bit weight on every forward call (its fused kernel needs
+    AVX512-BF16 and computes in bfloat16, which `keep_compute_dtype_on_cpu` turns off), so generation pays a
+    dequantization per layer per token. Dequantized once, the same matmul runs on the same values: a Linear4bit
+    on a CPU multiplies by `dequantize_4bit(weight).to(x.dtype)` itself, so the outputs are the same. The cost
+    is memory: the linear layers grow from 4 bits to the compute dtype (the base's float32 size on a CPU).
+    """
+    import bitsandbytes as bnb
+    import psutil
+    import torch
+
+    needed, free = dequantized_bytes(model), psutil.virtual_memory().available
+    if needed > free * 0.8:
+        print(
+            f"warning: keeping the base in 4 bits: its dequantized weights would take {needed / 2**30:.1f} GiB, "
+            f"and {free / 2**30:.1f} GiB is free (evaluate.dequantize_on_cpu: false skips this check)"
+        )
+        return False
+    parents = dict(model.named_modules())
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+        plain = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        plain.weight = torch.nn.Parameter(weight.to(module.compute_dtype or weight.dtype), requires_grad=False)
+        if module.bias is not None:
+            plain.bias = torch.nn.Parameter(module.bias.data, requires_grad=False)
+        parent, _, attribute = name.rpartition(".")
+        setattr(parents[parent], attribute, plain)
+    return True
 
 
 def keep_compute_dtype_on_cpu(model) -> None:

@@ -53,7 +53,7 @@ def predict_prices(
     `with_base`, the zero-shot base's outputs and the top-k estimate when params ask and the tokenizer allows."""
     cfg = params.evaluate
     tokenizer = load_tokenizer(paths.base_model)
-    model = load_adapter_model(paths.base_model, adapter, params.quantization)
+    model = load_adapter_model(paths.base_model, adapter, params.quantization, cfg.dequantize_on_cpu)
     prompts = build_prompts(tokenizer, rows, params.prompt, cfg.max_new_tokens)
     started = time.perf_counter()
     result = Predictions(generate(model, tokenizer, prompts, cfg, "adapter"), None, 0.0)

@@ -45,7 +45,7 @@ def predict_text(
     encoded = encode_rows(tokenizer, test, shape, params.prompt)
     warn_short_generation(tokenizer, [reference(row, shape) for row in test], cfg.max_new_tokens)
     prompts = [generation_prompt(tokenizer, row, shape, params.prompt, cfg.max_new_tokens) for row in test]
-    model = load_adapter_model(paths.base_model, adapter, params.quantization)
+    model = load_adapter_model(paths.base_model, adapter, params.quantization, cfg.dequantize_on_cpu)
     options = {"stop_at_number": False, "add_special_tokens": shape != CHAT}
     started = time.perf_counter()
     outputs = {"adapter": generate(model, tokenizer, prompts, cfg, "adapter", **options)}
