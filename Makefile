@@ -128,13 +128,13 @@ worker: venv
 bench-overhead: venv
 	$(RUN) $(BIN)/python -m bench.pipeline_overhead
 
-# The registry's champion (or MODEL_URI=models:/<name>/<version>) behind MLflow's scoring server on
-# http://127.0.0.1:5001 (POST /invocations with {"dataframe_records": [{"text": "..."}]}; docs/serving.md).
+# Whatever holds the registry's champion alias on http://127.0.0.1:5001 (params `serve`), following the alias
+# when a retrain moves it, with no restart: POST /invocations with {"dataframe_records": [{"text": "..."}]},
+# GET /version (docs/serving.md). VERSION=3 serves that version and follows nothing.
 MLFLOW_TRACKING_URI ?= sqlite:///$(abspath mlflow.db)
 MODEL_URI ?= models:/qlora-price-adapter@champion
 serve-champion: venv
-	$(RUN) MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(BIN)/mlflow models serve -m $(MODEL_URI) \
-		--env-manager local --host 127.0.0.1 --port 5001
+	$(RUN) MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(BIN)/python -m serving.champion $(if $(VERSION),--version $(VERSION))
 
 # Price a file with the champion: make predict INPUT=data/raw/new.csv OUTPUT=priced.csv [MODEL_URI=...]
 predict: venv

@@ -55,15 +55,15 @@ def ensure_llama_cpp() -> None:
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "diskcache"], check=True)
 
 
-def write_ggufs(params, paths, folder: Path) -> dict[str, Path]:
-    """Merge (checked against the evaluated adapter, as export_hub does) and write each GGUF type."""
+def write_ggufs(params, paths, folder: Path, kinds: tuple[str, ...] = KINDS) -> dict[str, Path]:
+    """Merge (checked against the evaluated adapter, as export_hub does) and write each GGUF type of `kinds`."""
     from serving.gguf import write_gguf
     from stages.export_hub import export_merged
 
     merge = dataclasses.replace(params.export, merge=True)
     export_merged(paths, dataclasses.replace(params, export=merge), folder / "merged")
     files = {}
-    for kind in KINDS:
+    for kind in kinds:
         files[kind] = folder / f"model-{kind}.gguf"
         write_gguf(folder / "merged", files[kind], kind, "bench")
     return files

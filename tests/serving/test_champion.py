@@ -196,3 +196,12 @@ def test_non_utf8_bytes_an_unknown_content_type_and_an_empty_list(server):
     status, answer = post(f"{url}/invocations", b"a ring", content_type="text/plain")
     assert status == 415 and "application/json" in answer
     assert post(f"{url}/invocations", records([])) == (200, {"predictions": []})
+
+
+def test_the_flows_tell_a_running_server_and_pass_over_a_missing_one(server):
+    from serving.champion import tell_servers
+    from stages.common.config import ServeConfig
+
+    port = int(server[0].rsplit(":", 1)[1])
+    assert tell_servers(ServeConfig(port=port)).startswith(f"told the champion server at http://127.0.0.1:{port}")
+    assert tell_servers(ServeConfig(port=free_port())).startswith("no champion server answered")

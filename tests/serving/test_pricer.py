@@ -121,3 +121,37 @@ def test_a_served_champion_answers_the_prices_evaluation_scored(served_champion)
     predictions = invoke(url, [item["text"] for item in items])
     assert [p["completion"] for p in predictions] == [row["adapter_output"] for row in evaluated]
     assert [p.get("price") for p in predictions] == [row["adapter_prediction"] for row in evaluated]
+
+
+def test_the_logged_model_pins_its_packages_and_loading_under_others_names_them(registered, tmp_path, monkeypatch):
+    """The pins are this environment's versions; a model pinned to another torch and transformers loads with
+    MLflow's warning naming each package, the version running and the one required."""
+    import logging
+    from importlib.metadata import version
+
+    import mlflow
+
+    _, _, uri, record = registered
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    folder = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}/{record['version']}", dst_path=str(tmp_path)))
+    pins = (folder / "requirements.txt").read_text().splitlines()
+    assert f"transformers=={version('transformers')}" in pins
+    assert f"torch=={version('torch').split('+')[0]}" in pins
+    mismatched = [
+        "torch==1.0.0" if p.startswith("torch==") else "transformers==4.0.0" if p.startswith("transformers==") else p
+        for p in pins
+    ]
+    (folder / "requirements.txt").write_text("\n".join(mismatched) + "\n")
+    warnings: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda entry: warnings.append(entry.getMessage())
+    logger = logging.getLogger("mlflow")
+    logger.addHandler(handler)
+    try:
+        mlflow.pyfunc.load_model(str(folder))
+    finally:
+        logger.removeHandler(handler)
+    said = "\n".join(warnings)
+    assert "mismatches between the model's dependencies" in said
+    assert f"torch (current: {version('torch')}, required: torch==1.0.0)" in said
+    assert f"transformers (current: {version('transformers')}, required: transformers==4.0.0)" in said
