@@ -87,19 +87,27 @@ class Backend:
     since: str = field(default_factory=now)
 
     def stop(self, grace: float = 30.0) -> None:
-        """Stop the process and the workers it started (its own process group)."""
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(grace)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        """Stop the process and the server processes it started (`mlflow models serve` runs uvicorn as a child,
+        which outlives it when only the parent is stopped)."""
+        import psutil
+
+        try:
+            parent = psutil.Process(self.process.pid)
+            processes = [*parent.children(recursive=True), parent]
+        except psutil.NoSuchProcess:
+            return
+        for process in processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.terminate()
+        _, alive = psutil.wait_procs(processes, timeout=grace)
+        for process in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        self.process.wait()
 
 
 def start_backend(model_uri: str, version: str, logs: Path) -> Backend:
-    """`mlflow models serve` of `model_uri` on a free loopback port, in its own process group, its output in
-    a log file under `logs`."""
+    """`mlflow models serve` of `model_uri` on a free loopback port, its output in a log file under `logs`."""
     port = free_port()
     log = logs / f"version-{version}-{port}.log"
     bin_dir = str(Path(sys.executable).parent)  # MLflow starts its server with the `uvicorn` beside python
@@ -107,7 +115,7 @@ def start_backend(model_uri: str, version: str, logs: Path) -> Backend:
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
                "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
     with log.open("w") as out:
-        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
     return Backend(version, f"http://127.0.0.1:{port}", process, log)
 
 
@@ -356,6 +364,10 @@ def tell_servers(cfg: ServeConfig) -> str:
     return f"told the champion server at {url} (serving version {serving}) to follow the alias"
 
 
+def stop_on_sigterm(signum, frame) -> None:
+    raise SystemExit(0)
+
+
 def command_line(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m serving.champion", description=__doc__.splitlines()[0])
     parser.add_argument("--project-dir", type=Path, default=Path("."), help="the workspace (params.yaml)")
@@ -390,10 +402,14 @@ def main(argv: list[str] | None = None) -> int:
         host, port = args.host or cfg.host, args.port or cfg.port
         what = f"version {args.version}" if args.version else f"@{alias}, read every {cfg.poll_seconds} s"
         print(f"[serve] {model} ({what}) on http://{host}:{port} (GET /version, POST /invocations)", flush=True)
+        # uvicorn re-raises the SIGTERM it caught once it has shut down; as SystemExit, the versions' servers are
+        # stopped below instead of left running
+        signal.signal(signal.SIGTERM, stop_on_sigterm)
         try:
             uvicorn.run(application(board), host=host, port=port, log_level="warning")
         finally:
             board.shut_down()
+            print("[serve] stopped", flush=True)
     return 0
 
 

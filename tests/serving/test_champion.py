@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 
+import psutil
 import pytest
 
 from tests.local_servers import free_port, wait_until_healthy
@@ -97,10 +98,12 @@ def server(registered, tmp_path_factory):
         wait_until_healthy("the champion server", f"{url}/ping", process, timeout=240)
         yield url, registered, client
     finally:
+        servers = psutil.Process(process.pid).children(recursive=True)
         process.terminate()
         process.wait(timeout=60)
         print(log.read_text()[-3000:])
-    assert process.returncode is not None
+    _, left = psutil.wait_procs(servers, timeout=30)
+    assert process.returncode == 0 and not left, f"SIGTERM left the versions' servers running: {left}"
 
 
 def test_a_promotion_while_requests_run_drops_none_and_switches_the_answers(server, tmp_path):
