@@ -14,7 +14,7 @@ registered version, on a free loopback port.
 When the alias names another version, that version's process starts beside the serving one and must answer
 its model's input example within `serve.start_timeout_seconds`; then new requests go to it, the old process
 answers the requests it holds and stops. A version that does not start or answer leaves the old one serving:
-the log and `/version` say why, with the end of its process's log, and it is tried again only when the alias
+the log and `/version` say why, with the exceptions in its process's log, and it is tried again only when the alias
 moves or on `POST /refresh`. During a switch both models are in memory.
 
 Why this and not MLServer (which can load and unload models at run time): its MLflow runtime declares MLflow 3
@@ -62,16 +62,14 @@ def free_port() -> int:
 EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception): .+")
 
 
-def log_tail(path: Path, lines: int = 15) -> str:
-    text = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
-    return "\n".join(text.splitlines()[-lines:])
+def log_lines(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() else []
 
 
-def errors_in(path: Path) -> str:
+def errors_in(lines: list[str]) -> str:
     """The exception lines of a server's log, in order ("StageError: the model's base ... is not here"): the
     cause a model's load raised comes before the scoring server's own wrapper of it."""
-    text = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
-    found = [line.strip() for line in text.splitlines() if EXCEPTION_LINE.match(line.strip())]
+    found = [line.strip() for line in lines if EXCEPTION_LINE.match(line.strip())]
     return "; ".join(dict.fromkeys(found))
 
 
@@ -242,9 +240,10 @@ class Switchboard:
             wait_until_answering(backend, warm_up_request(uri), self.cfg.start_timeout_seconds)
         except Exception as exc:  # whatever stops the new version, the old one keeps serving
             backend.stop()
-            errors = errors_in(backend.log)
+            lines = log_lines(backend.log)
+            errors = errors_in(lines)
             reason = f"{exc}: {errors}" if errors else str(exc)
-            self.failure = {"version": version, "at": now(), "reason": reason, "log_tail": log_tail(backend.log)}
+            self.failure = {"version": version, "at": now(), "reason": reason, "log_tail": "\n".join(lines[-15:])}
             keeps = f"version {serving} keeps serving" if serving else "nothing serves yet"
             print(f"[serve] {uri} did not start: {reason}; {keeps} (its log: {backend.log})", flush=True)
             return
