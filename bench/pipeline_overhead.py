@@ -21,9 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from infra.servers import prefect_server
 from stages.common.io import write_json
 from stages.common.paths import Paths
-from tests.local_servers import prefect_server
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pipeline_overhead.json"
 

@@ -92,7 +92,7 @@ def evaluation_speeds(params, paths, rows: list[dict]) -> dict:
 
 def served(rows: list[dict], size: int, single: int) -> dict:
     """The champion server's start-up, one-item latencies and batch throughput, and its completions."""
-    from tests.local_servers import free_port
+    from infra.servers import free_port
 
     texts = [row["text"] for row in rows]
     port = free_port()

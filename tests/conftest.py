@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -227,10 +228,38 @@ def copy_outputs(paths, destination):
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory):
     """The API URL of one Prefect server on loopback, shared by the flow tests and stopped at the end."""
-    from tests.local_servers import prefect_server
+    from infra.servers import prefect_server
 
     with prefect_server(tmp_path_factory.mktemp("prefect-server"), dict(os.environ)) as url:
         yield url
+
+
+def require_postgres() -> None:
+    """Skip when PostgreSQL is not installed; fail instead under CI (QLORA_REQUIRE_POSTGRES=1, set by .ci/run,
+    which installs it), so the tests on real servers never silently skip there."""
+    from infra.servers import postgres_binaries
+
+    if postgres_binaries() is None:
+        message = "PostgreSQL is not installed (initdb not found): `apt-get install postgresql`"
+        if os.environ.get("QLORA_REQUIRE_POSTGRES") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def team_servers(tmp_path_factory):
+    """PostgreSQL on loopback with an MLflow tracking server and a Prefect server on it, as a team runs them
+    (infra.servers.shared_servers); one set per test module, so no module sees another's runs or registry.
+    PostgreSQL's folder is under /tmp: as root it runs as the `postgres` user, who cannot enter pytest's."""
+    from infra.servers import shared_servers
+
+    require_postgres()
+    postgres_folder = Path(tempfile.mkdtemp(prefix="qlora-postgres-"))
+    try:
+        with shared_servers(tmp_path_factory.mktemp("team-servers"), dict(os.environ), postgres_folder) as servers:
+            yield servers
+    finally:
+        shutil.rmtree(postgres_folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

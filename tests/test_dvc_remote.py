@@ -15,10 +15,10 @@ import pytest
 import yaml
 
 from flows.remote import PushFailed, mask_secrets, push_failure, push_target, pushed_files
+from infra.servers import free_port
 from stages.common.config import params_from_dict
 from stages.common.errors import ConfigError
 from tests.flow_workspace import dvc, flow, latest_report, run, set_param
-from tests.local_servers import free_port
 
 SHARED = ("models/adapter", "export", "data/splits", "metrics", "reports", "eval", "plots")
 

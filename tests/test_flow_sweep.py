@@ -99,7 +99,7 @@ def test_a_two_by_two_sweep_runs_as_four_experiments_and_gates_once(workspace_co
 
 @pytest.mark.usefixtures("prefect_api")
 def test_a_failing_trial_is_reported_and_the_other_lands_on_a_tracking_server(workspace_copy, tmp_path):
-    from tests.local_servers import mlflow_server
+    from infra.servers import mlflow_server
 
     root, env = workspace_copy
     with mlflow_server(tmp_path / "mlflow-server", env) as uri:

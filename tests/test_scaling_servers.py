@@ -1,6 +1,6 @@
-"""The pipeline on shared servers, all on loopback and stopped afterwards: an MLflow tracking server (SQLite
-store, artifacts uploaded through it) records a retrain, and a Prefect process worker runs that retrain as
-the deployment in prefect.yaml.
+"""The pipeline on shared servers, all on loopback and stopped afterwards: an MLflow tracking server (its runs
+and registry in PostgreSQL, artifacts uploaded through it) records a retrain, and a Prefect process worker
+runs that retrain as the deployment in prefect.yaml, against a Prefect server whose database is PostgreSQL too.
 
 One retrain serves both tests, to keep the time down: the servers start side by side, the deployment from
 prefect.yaml goes on a process work pool, a worker (PROJECT_DIR = the workspace, MLFLOW_TRACKING_URI = the
@@ -9,23 +9,20 @@ run, an artifact and the registry back through the server, and the worker test c
 deployment and what the stages wrote.
 """
 
-import contextlib
 import json
-import os
 import re
 import sys
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import yaml
 
 from flows.retrain import STAGES
+from infra.servers import background_process
 from tests.conftest import REPO_ROOT
 from tests.flow_workspace import commit, latest_report, new_workspace, run, workspace_env
-from tests.local_servers import background_process, mlflow_server, prefect_server
 
 POOL = "retrain-pool"
 DEPLOYMENT = "worker-retrain"
@@ -39,21 +36,12 @@ def git_workspace(root, tiny_model_dir) -> None:
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory, tiny_model_dir):
-    """(Prefect API URL, MLflow tracking URI, MLflow server folder, workspace): the two servers start side
-    by side (each takes 20 to 30 s here) while the workspace (a git repository, tiny project) is built."""
-    env = dict(os.environ)
-    prefect_home, mlflow_folder = tmp_path_factory.mktemp("prefect-server"), tmp_path_factory.mktemp("mlflow-server")
+def servers(team_servers, tmp_path_factory, tiny_model_dir):
+    """(Prefect API URL, MLflow tracking URI, MLflow artifacts folder, workspace): the PostgreSQL-backed servers
+    of `team_servers` and the workspace (a git repository, tiny project)."""
     root = tmp_path_factory.mktemp("worker-project")
-    started = time.monotonic()
-    with contextlib.ExitStack() as stack:
-        with ThreadPoolExecutor(3) as pool:  # a thread enters each server; the stack stops both
-            prefect = pool.submit(stack.enter_context, prefect_server(prefect_home, env))
-            mlflow = pool.submit(stack.enter_context, mlflow_server(mlflow_folder, env))
-            workspace = pool.submit(git_workspace, root, tiny_model_dir)
-        workspace.result()
-        print(f"Prefect and MLflow servers up, workspace built: {time.monotonic() - started:.1f} s")
-        yield prefect.result(), mlflow.result(), mlflow_folder, root
+    git_workspace(root, tiny_model_dir)
+    return team_servers.prefect_api, team_servers.tracking_uri, team_servers.mlflow_artifacts, root
 
 
 def api(prefect_api: str, path: str):
@@ -101,7 +89,7 @@ def test_mlflow_server_holds_the_run_its_artifacts_and_the_registry(worker_run, 
     from mlflow import MlflowClient
 
     root, flow_run, log = worker_run
-    _, uri, server_folder, _ = servers
+    _, uri, server_artifacts, _ = servers
     assert flow_run["state"]["type"] == "COMPLETED", log[-4000:]
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("qlora-price")
@@ -117,7 +105,7 @@ def test_mlflow_server_holds_the_run_its_artifacts_and_the_registry(worker_run, 
     adapter = (root / "models" / "adapter" / "adapter_model.safetensors").read_bytes()
     downloaded = client.download_artifacts(run_id, "adapter/adapter_model.safetensors", str(tmp_path))
     assert Path(downloaded).read_bytes() == adapter
-    stored = list((server_folder / "artifacts").rglob("adapter_model.safetensors"))  # the server's store
+    stored = list(server_artifacts.rglob("adapter_model.safetensors"))  # the server's store
     assert len(stored) == 2 and all(file.read_bytes() == adapter for file in stored)  # the run's and the model's
 
     record = json.loads((root / "reports" / "mlflow_run.json").read_text())

@@ -16,7 +16,7 @@ import urllib.request
 import psutil
 import pytest
 
-from tests.local_servers import free_port, wait_until_healthy
+from infra.servers import free_port, wait_until_healthy
 from tests.serving.conftest import MODEL, first_batch
 
 ALIAS = "following"  # not the champion, which the other tests of this session read

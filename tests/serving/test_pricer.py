@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.local_servers import free_port
+from infra.servers import free_port
 from tests.serving.conftest import MODEL, first_batch
 
 
