@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 # Stage commands in dvc.yaml call `python`: make it this environment's.
 RUN := env PATH="$(BIN):$$PATH" PREFECT_SERVER_ANALYTICS_ENABLED=false
 
-.PHONY: venv demo sweep test test-fast test-random serve-champion predict history lint format repro plan prefect-server serve deploy worker mlflow-ui mlflow-server bench bench-train bench-profile bench-eval bench-data bench-memory bench-memory-1b bench-overhead bench-noise bench-gguf bench-serving bench-schedule clean
+.PHONY: venv demo sweep test test-fast test-random serve-champion predict history lint format repro plan prefect-server serve deploy worker deploy-trials trial-worker servers mlflow-ui mlflow-server bench bench-train bench-profile bench-eval bench-data bench-memory bench-memory-1b bench-overhead bench-noise bench-gguf bench-serving bench-schedule clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -124,6 +124,23 @@ deploy: venv
 	$(RUN) PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/prefect --no-prompt deploy --name worker-retrain
 worker: venv
 	$(RUN) PREFECT_API_URL=$(PREFECT_API_URL) PROJECT_DIR=$(CURDIR) $(BIN)/prefect worker start --pool retrain-pool --type process
+
+# A sweep's trials on workers (sweep.backend: prefect; docs/sweeps.md, "Across machines"): the pool and the
+# trial deployment once per Prefect server, then on each machine, in a clone of its own, a worker that runs one
+# trial at a time. The sweep and the workers need MLFLOW_TRACKING_URI of a tracking server they all reach.
+deploy-trials: venv
+	$(RUN) PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/python -m flows.heartbeats
+	$(RUN) PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/prefect work-pool inspect trial-pool >/dev/null 2>&1 || \
+		$(RUN) PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/prefect work-pool create trial-pool --type process
+	$(RUN) PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/prefect --no-prompt deploy --name worker-trial
+trial-worker: venv
+	$(RUN) PREFECT_API_URL=$(PREFECT_API_URL) PROJECT_DIR=$(CURDIR) $(BIN)/prefect worker start --pool trial-pool \
+		--type process --limit 1
+
+# PostgreSQL on 127.0.0.1:5432 with an MLflow tracking server (:5000) and a Prefect server (:4200) on it,
+# everything kept in .servers/, until Ctrl-C; it prints the MLFLOW_TRACKING_URI and PREFECT_API_URL to export.
+servers: venv
+	$(RUN) $(BIN)/python -m infra.servers --folder .servers
 
 bench-overhead: venv
 	$(RUN) $(BIN)/python -m bench.pipeline_overhead

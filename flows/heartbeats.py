@@ -1,12 +1,13 @@
-"""The Prefect automation that marks a retrain or sweep flow run Crashed when its heartbeats stop.
+"""The Prefect automation that marks a retrain, sweep or sweep-trial flow run Crashed when its heartbeats stop.
 
 A flow run whose process is killed with SIGKILL (the OOM killer, a lost machine) cannot report its end, so on a
 long-lived Prefect server it stays Running until someone acts. Prefect's flow runs emit a heartbeat event every
 PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds (180 by default, 30 at least), a first one as they start. This
 automation is Prefect's recipe for such "zombie" runs (docs.prefect.io, "Detect zombie flows"), scoped to this
-project's flows: after a heartbeat of a `retrain` or `sweep` flow run, when neither another heartbeat nor a final
-state follows within MISSED_BEATS heartbeat periods, it sets the flow run Crashed. The period is the frequency
-this process's Prefect settings say: give the workers (which run the flow runs) the same setting.
+project's flows: after a heartbeat of a `retrain`, `sweep` or `sweep-trial` flow run, when neither another
+heartbeat nor a final state follows within MISSED_BEATS heartbeat periods, it sets the flow run Crashed. The
+period is the frequency this process's Prefect settings say: give the workers (which run the flow runs) the
+same setting.
 
 Run: `PREFECT_API_URL=http://127.0.0.1:4200/api python -m flows.heartbeats` (`make deploy` and `make serve` run
 it). Running it again updates the automation of the same name rather than adding one.
@@ -18,7 +19,7 @@ import sys
 from datetime import timedelta
 
 AUTOMATION_NAME = "qlora-pipeline: crash flow runs whose heartbeats stopped"
-FLOW_NAMES = ("retrain", "sweep")
+FLOW_NAMES = ("retrain", "sweep", "sweep-trial")
 MISSED_BEATS = 2  # a heartbeat a period late (a busy machine, a slow server) is not a dead run
 FINAL_EVENTS = tuple(f"prefect.flow-run.{state}" for state in ("Completed", "Failed", "Cancelled", "Crashed"))
 

@@ -3,11 +3,14 @@ apply the promotion gate once, to the best.
 
 1. Plan the trials (sweeps/plan.py): every key and value is checked before anything starts; a bad one stops
    the sweep with a message naming it.
-2. Open the sweep's parent MLflow run, queue each trial with `dvc exp run --queue --name <sweep>-NN -S ...`
-   and start `sweep.jobs` DVC queue workers (sweeps/queue.py). Each worker runs one trial at a time in its
-   own temporary workspace with cores / jobs torch threads; its record_run logs a child run under the parent
-   (stages/record_run.py) and registers nothing, so trials ending together never race on the registry.
-3. Watch the queue until every trial ended; a failed trial is reported with its last lines, the others go on.
+2. Open the sweep's parent MLflow run and hand each trial, `dvc exp run --name <sweep>-NN -S ...`, to the
+   backend of `sweep.backend`. `local` (sweeps/queue.py): DVC's queue on this machine, `sweep.jobs` workers,
+   each running one trial at a time in its own temporary workspace with cores / jobs torch threads. `prefect`
+   (sweeps/workers.py): one flow run of the trial deployment per trial, on any worker of its pool, each in its
+   own clone; the trials come back through the Git and DVC remotes. Each trial's record_run logs a child run
+   under the parent (stages/record_run.py) and registers nothing, so trials ending together never race on the
+   registry.
+3. Watch the trials until every one ended; a failed trial is reported with its last lines, the others go on.
 4. The best trial by `tracking.primary_metric` is registered and meets the gate the retrain uses (champion or
    challenger, stages/tracking/registry.py); with `sweep.register: all` the other trials get versions without
    an alias.
@@ -44,19 +47,12 @@ from stages.common.paths import Paths
 from stages.tracking.gate import Gate
 from stages.tracking.names import SWEEP, TIMING, metric_name
 from stages.tracking.runs import log_metrics
-from stages.tracking.store import client_for, require_server, shown_uri, tracking_uri
+from stages.tracking.store import client_for, is_server, require_server, shown_uri, tracking_uri
 from sweeps.plan import Trial, plan_trials
-from sweeps.queue import (
-    SUCCESS,
-    Watch,
-    queue_states,
-    queue_trial,
-    require_idle_queue,
-    start_workers,
-    stop_trials,
-)
+from sweeps.queue import SUCCESS, LocalQueue, Watch
 from sweeps.report import closing_section, ranked, report_markdown, sweep_chart
 from sweeps.tracking import gate_best, outcomes_of, register_others, save_view, start_parent_run
+from sweeps.workers import WorkerPool
 
 REPORT_KEY = "sweep-report"
 
@@ -88,33 +84,47 @@ def copy_paths(paths: Paths, params: Params) -> list[str]:
         return []
 
 
-def trial_environment(sweep_id: str, parent_run_id: str, trials: list[Trial], uri: str, jobs: int) -> dict:
-    """What the queue workers (and so every trial) inherit: the parent run, the swept keys and the store,
-    and cores / jobs threads for torch."""
-    env = stage_environment({
-        "SWEEP_ID": sweep_id,
-        "SWEEP_PARENT_RUN_ID": parent_run_id,
-        "SWEEP_KEYS": ",".join(trials[0].swept),
-        "MLFLOW_TRACKING_URI": uri,
-        "PIPELINE_STARTED_BY": "sweep",
-        "OMP_NUM_THREADS": str(max(cores() // jobs, 1)),
-    })  # fmt: skip
+def trial_environment(sweep_id: str, parent_run_id: str, trials: list[Trial], uri: str) -> dict[str, str]:
+    """What every trial's stages need: the parent run, the swept keys and the store."""
+    return {"SWEEP_ID": sweep_id, "SWEEP_PARENT_RUN_ID": parent_run_id, "SWEEP_KEYS": ",".join(trials[0].swept),
+            "MLFLOW_TRACKING_URI": uri, "PIPELINE_STARTED_BY": "sweep"}  # fmt: skip
+
+
+def local_environment(trial_env: dict[str, str], jobs: int) -> dict:
+    """What DVC's queue workers (and so every local trial) inherit: `trial_env` and cores / jobs torch threads."""
+    env = stage_environment({**trial_env, "OMP_NUM_THREADS": str(max(cores() // jobs, 1))})
     env.pop("MLFLOW_RUN_ID", None)
     return env
 
 
-@task(cache_policy=NO_CACHE, persist_result=False, task_run_name="queue {trial.name}")
-def queue_one(root: str, env: dict, trial: Trial, copies: list[str]) -> None:
-    print(f"queued {trial.name}: {trial.label()}")
-    queue_trial(Path(root), env, trial.name, trial.dvc_arguments(), copies)
+def trial_backend(paths: Paths, params: Params, sweep_id: str, trial_env: dict[str, str], jobs: int):
+    """Where the trials run (`sweep.backend`): DVC's queue here, or flow runs on a Prefect work pool's workers
+    (which need a tracking server and a Prefect server every machine reaches)."""
+    if params.sweep.backend == "local":
+        return LocalQueue(paths.root, local_environment(trial_env, jobs), jobs, copy_paths(paths, params))
+    store = trial_env["MLFLOW_TRACKING_URI"]
+    if not is_server(store):
+        raise StageError(
+            f"sweep.backend prefect: trials on other machines would record into {shown_uri(store)}, which only "
+            "this machine opens; point MLFLOW_TRACKING_URI at a tracking server (docs/operations.md)"
+        )
+    env = stage_environment({})
+    return WorkerPool(paths.root, env, sweep_id, params.sweep.deployment, params.sweep.git_remote,
+                      params.flow.remote, trial_env)  # fmt: skip
 
 
-@task(cache_policy=NO_CACHE, persist_result=False, task_run_name="run {n} trials, {jobs} at a time")
-def run_queue(root: str, env: dict, names: list[str], jobs: int, n: int) -> Watch:
-    """Start the workers and wait for every trial; the watch holds their states and times."""
-    start_workers(Path(root), env, jobs)
-    watch = Watch(names)
-    watch.until_done(lambda: queue_states(Path(root), env), print)
+@task(cache_policy=NO_CACHE, persist_result=False, task_run_name="submit {trial.name}")
+def submit_one(backend, trial: Trial) -> None:
+    print(f"submitted {trial.name}: {trial.label()}")
+    backend.submit(trial.name, trial.dvc_arguments())
+
+
+@task(cache_policy=NO_CACHE, persist_result=False, task_run_name="run {n} trials")
+def run_trials(backend, names: list[str], n: int) -> Watch:
+    """Start the backend and wait for every trial; the watch holds their states and times."""
+    backend.start()
+    watch = Watch(names, interval=backend.poll_seconds)
+    watch.until_done(backend.states, print)
     return watch
 
 
@@ -147,12 +157,17 @@ def sweep(project_dir: str = str(PROJECT_ROOT), jobs: int | None = None) -> dict
     uri = tracking_uri(paths, params)
     require_server(uri)
     with workspace_lock(paths, params.flow.lock_wait_seconds, owner=f"sweep {sweep_id}") as holding:
-        require_idle_queue(paths.root, stage_environment({}))
         close_orphans(paths, params, holding, closer=f"sweep {sweep_id}")
         client = client_for(paths, params)
         parent = start_parent_run(client, paths, params, sweep_id, trials, jobs)
-        env = trial_environment(sweep_id, parent, trials, uri, jobs)
-        print(f"{sweep_id}: {len(trials)} trials, {jobs} at a time, {env['OMP_NUM_THREADS']} thread(s) each")
+        names = [t.name for t in trials]
+        try:
+            backend = trial_backend(paths, params, sweep_id, trial_environment(sweep_id, parent, trials, uri), jobs)
+            backend.prepare()
+        except BaseException:
+            client.set_terminated(parent, status="FAILED")
+            raise
+        print(f"{sweep_id}: {len(trials)} trials, as {backend.where()}")
         if not lock_committed(paths.root):
             print(
                 "note: dvc.lock is not committed, so every trial re-runs every stage from scratch; commit it "
@@ -161,22 +176,24 @@ def sweep(project_dir: str = str(PROJECT_ROOT), jobs: int | None = None) -> dict
         started = time.monotonic()
         try:
             for trial in trials:
-                queue_one(str(paths.root), env, trial, copy_paths(paths, params))
-            watch = run_queue(str(paths.root), env, [t.name for t in trials], jobs, len(trials))
+                submit_one(backend, trial)
+            watch = run_trials(backend, names, len(trials))
         except BaseException:
-            stop_trials(paths.root, env, [t.name for t in trials])
+            backend.stop(names)
             client.set_terminated(parent, status="KILLED")
             raise
         wall = time.monotonic() - started
-        return conclude(client, paths, params, (parent, sweep_id), trials, watch, wall, jobs, env)
+        backend.collect([name for name in names if watch.states.get(name) == SUCCESS])
+        return conclude(client, paths, params, (parent, sweep_id), trials, watch, wall, jobs, backend)
 
 
-def conclude(client, paths: Paths, params: Params, sweep, trials, watch: Watch, wall: float, jobs: int, env):
-    """After the trials of `sweep` (its parent run id, its name): their outcomes, the gate on the best, the
-    report, the parent run closed."""
+def conclude(client, paths: Paths, params: Params, sweep, trials, watch: Watch, wall: float, jobs: int, backend):
+    """After the trials of `sweep` (its parent run id, its name) ran on `backend`: their outcomes, the gate on
+    the best, the report, the parent run closed."""
     parent, sweep_id = sweep
     experiment = client.get_run(parent).info.experiment_id
-    outcomes = outcomes_of(client, experiment, parent, sweep_id, trials, watch, paths.root, env)
+    env = stage_environment({})
+    outcomes = outcomes_of(client, experiment, (parent, sweep_id), trials, watch, (paths.root, env), backend.failure)
     gate = Gate.from_params(params.tracking, params.data.shape)
     scored = [o for o in ranked(outcomes, gate) if o.value(gate.metric) is not None]
     best = scored[0] if scored else None
@@ -184,7 +201,7 @@ def conclude(client, paths: Paths, params: Params, sweep, trials, watch: Watch, 
     registered = (
         register_others(client, params, outcomes, best, sweep_id) if best and params.sweep.register == "all" else []
     )
-    uri = shown_uri(env["MLFLOW_TRACKING_URI"])
+    uri = shown_uri(tracking_uri(paths, params))
     view = save_view(client, uri, experiment, sweep_id, trials[0].swept, gate.metric, not gate.greater_is_better)
     saved = f"The comparison, saved in the experiment ({gate.metric} against the swept params): {view}"
     where = f"{mlflow_hint(uri, parent, experiment)}\n\n{saved}"

@@ -186,10 +186,12 @@ def postgres_server(folder: Path, port: int | None = None, timeout: float = 60):
 
 
 @contextlib.contextmanager
-def prefect_server(home: Path, env: dict[str, str], database_url: str | None = None, timeout: float = 180):
-    """Yield the API URL of a Prefect server started with PREFECT_HOME=`home`, its database `database_url`
-    (postgresql+asyncpg://...; none: SQLite in `home`); stop it afterwards."""
-    port = free_port()
+def prefect_server(home: Path, env: dict[str, str], database_url: str | None = None, port: int | None = None,
+                   timeout: float = 180):  # fmt: skip
+    """Yield the API URL of a Prefect server on 127.0.0.1:`port` (none: a free one) started with
+    PREFECT_HOME=`home`, its database `database_url` (postgresql+asyncpg://...; none: SQLite in `home`); stop it
+    afterwards."""
+    port = port or free_port()
     url = f"http://127.0.0.1:{port}/api"
     server_env = {**env, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     server_env.pop("PREFECT_API_URL", None)
@@ -212,12 +214,13 @@ def mlflow_server_command(backend_store_uri: str, artifacts_destination: str, po
 
 
 @contextlib.contextmanager
-def mlflow_server(folder: Path, env: dict[str, str], backend_store_uri: str | None = None, timeout: float = 120):
-    """Yield the tracking URI (http://127.0.0.1:<port>) of an MLflow server whose runs and registry are in
-    `backend_store_uri` (postgresql://...; none: `folder`/mlflow.db) and whose artifacts are under
-    `folder`/artifacts; stop it afterwards."""
+def mlflow_server(folder: Path, env: dict[str, str], backend_store_uri: str | None = None, port: int | None = None,
+                  timeout: float = 120):  # fmt: skip
+    """Yield the tracking URI (http://127.0.0.1:`port`, none: a free port) of an MLflow server whose runs and
+    registry are in `backend_store_uri` (postgresql://...; none: `folder`/mlflow.db) and whose artifacts are
+    under `folder`/artifacts; stop it afterwards."""
     folder.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     uri = f"http://127.0.0.1:{port}"
     store = backend_store_uri or f"sqlite:///{folder / 'mlflow.db'}"
     command = mlflow_server_command(store, str(folder / "artifacts"), port)
@@ -241,10 +244,12 @@ class SharedServers(NamedTuple):
 
 
 @contextlib.contextmanager
-def shared_servers(folder: Path, env: dict[str, str], postgres_folder: Path | None = None, postgres_port=None):
+def shared_servers(folder: Path, env: dict[str, str], postgres_folder: Path | None = None, ports: tuple = (None,) * 3):
     """PostgreSQL in `postgres_folder` (none: `folder`/postgres) holding the databases `mlflow` and `prefect`,
     an MLflow tracking server on the first (artifacts in `folder`/mlflow/artifacts) and a Prefect server on the
-    second, the two started side by side; all stopped afterwards, PostgreSQL last."""
+    second, the two started side by side; all stopped afterwards, PostgreSQL last. `ports`: PostgreSQL's,
+    MLflow's and Prefect's (None: a free one)."""
+    postgres_port, mlflow_port, prefect_port = ports
     from concurrent.futures import ThreadPoolExecutor
 
     with (
@@ -254,11 +259,11 @@ def shared_servers(folder: Path, env: dict[str, str], postgres_folder: Path | No
         for name in ("mlflow", "prefect"):
             postgres.create_database(name)
         with ThreadPoolExecutor(2) as pool:  # a thread enters each server; the stack stops both
-            mlflow = pool.submit(stack.enter_context, mlflow_server(folder / "mlflow", env, postgres.url("mlflow")))
-            prefect = pool.submit(
-                stack.enter_context,
-                prefect_server(folder / "prefect", env, postgres.url("prefect", "postgresql+asyncpg")),
+            mlflow = mlflow_server(folder / "mlflow", env, postgres.url("mlflow"), mlflow_port)
+            prefect = prefect_server(
+                folder / "prefect", env, postgres.url("prefect", "postgresql+asyncpg"), prefect_port
             )
+            mlflow, prefect = pool.submit(stack.enter_context, mlflow), pool.submit(stack.enter_context, prefect)
         yield SharedServers(postgres, mlflow.result(), prefect.result(), folder / "mlflow" / "artifacts")
 
 
@@ -273,10 +278,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--folder", default=".servers", help="where the database, artifacts and logs live (kept)")
     parser.add_argument("--postgres-port", type=int, default=5432, help="PostgreSQL's port on 127.0.0.1")
+    parser.add_argument("--mlflow-port", type=int, default=5000, help="the MLflow tracking server's port")
+    parser.add_argument("--prefect-port", type=int, default=4200, help="the Prefect server's port")
     args = parser.parse_args(argv)
     folder = Path(args.folder).resolve()
+    ports = (args.postgres_port, args.mlflow_port, args.prefect_port)
     try:
-        with shared_servers(folder, dict(os.environ), postgres_port=args.postgres_port) as servers:
+        with shared_servers(folder, dict(os.environ), ports=ports) as servers:
             print(f"PostgreSQL on 127.0.0.1:{servers.postgres.port} (databases mlflow, prefect), data in {folder}")
             for key, value in servers.environment().items():
                 print(f"export {key}={value}")

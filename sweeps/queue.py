@@ -108,7 +108,7 @@ class Watch:
     """When each trial started and ended, as seen by polling the queue every `interval` seconds."""
 
     names: list[str]
-    interval: float = 10.0  # `dvc queue status` takes ~3 s of CPU: poll gently
+    interval: float = 10.0  # seconds between reads of the states
     started: dict[str, float] = field(default_factory=dict)
     ended: dict[str, float] = field(default_factory=dict)
     states: dict[str, str] = field(default_factory=dict)
@@ -154,3 +154,40 @@ def stop_trials(root: Path, env: dict, names: list[str]) -> None:
             subprocess.run([sys.executable, "-m", "dvc", "queue", "remove", name], cwd=root, env=env, check=False)
         elif states.get(name) == RUNNING:
             subprocess.run([sys.executable, "-m", "dvc", "queue", "kill", name], cwd=root, env=env, check=False)
+
+
+@dataclass
+class LocalQueue:
+    """`sweep.backend: local`: the trials in DVC's queue on this machine, `jobs` at a time, each in a temporary
+    copy of the workspace `root` holding `copies` (ignored files the pipeline reads). flows/sweep.py drives a
+    backend through prepare, submit (each trial), start, states until all finished, collect, failure, stop."""
+
+    root: Path
+    env: dict
+    jobs: int
+    copies: list[str]
+    poll_seconds: float = 10.0  # `dvc queue status` takes ~3 s of CPU: poll gently
+
+    def where(self) -> str:
+        return f"DVC's queue on this machine, {self.jobs} at a time"
+
+    def prepare(self) -> None:
+        require_idle_queue(self.root, self.env)
+
+    def submit(self, name: str, arguments: list[str]) -> None:
+        queue_trial(self.root, self.env, name, arguments, self.copies)
+
+    def start(self) -> None:
+        start_workers(self.root, self.env, self.jobs)
+
+    def states(self) -> dict[str, str]:
+        return queue_states(self.root, self.env)
+
+    def collect(self, names: list[str]) -> None:
+        """Nothing to fetch: the queue's experiments are already in this repository."""
+
+    def failure(self, name: str) -> str:
+        return trial_log(self.root, self.env, name)
+
+    def stop(self, names: list[str]) -> None:
+        stop_trials(self.root, self.env, names)

@@ -29,7 +29,7 @@ from stages.tracking.registry import (
 from stages.tracking.runs import experiment_id, git_tags, log_metrics, source_tags
 from stages.tracking.store import store_root
 from sweeps.plan import Trial
-from sweeps.queue import FAILED, SUCCESS, Watch, restored_records, trial_log
+from sweeps.queue import FAILED, SUCCESS, Watch, restored_records
 from sweeps.report import Outcome
 
 
@@ -51,9 +51,12 @@ def start_parent_run(client, paths: Paths, params: Params, sweep_id: str, trials
     return run.info.run_id
 
 
-def outcomes_of(client, experiment: str, parent: str, sweep_id: str, trials: list[Trial], watch: Watch, root, env):
-    """Each trial's state, time, child run (of run `parent`) and test metrics; a failed one with its last lines of
-    output."""
+def outcomes_of(client, experiment: str, sweep: tuple[str, str], trials: list[Trial], watch: Watch, repo, failure_of):
+    """Each trial's state, time, child run (of the sweep's run; `sweep` is its run id and name) and test metrics;
+    a failed one with `failure_of(name)` (its last lines of output). `repo`: (root, env) of the repository
+    holding the trials' experiments."""
+    parent, sweep_id = sweep
+    root, env = repo
     runs = {
         run.data.tags.get("dvc.exp_name"): run
         for run in client.search_runs([experiment], filter_string=f"tags.`sweep.id` = '{sweep_id}'")
@@ -69,7 +72,7 @@ def outcomes_of(client, experiment: str, parent: str, sweep_id: str, trials: lis
                 reused_outcome(client, experiment, (parent, sweep_id), trial, timing, records.get(trial.name))
             )
         elif state != SUCCESS:
-            failure = trial_log(root, env, trial.name)
+            failure = failure_of(trial.name)
             outcomes.append(Outcome(trial, state, *timing, run.info.run_id if run else None, failure=failure))
         else:
             outcomes.append(Outcome(trial, state, *timing, run.info.run_id, adapter_test_metrics(run.data.metrics)))

@@ -1,4 +1,5 @@
-"""Every module in stages/, serving/, sweeps/, flows/ and bench/ imports; a stage imports no torch or prefect."""
+"""Every module in stages/, serving/, sweeps/, flows/, infra/ and bench/ imports; a stage imports no torch or
+prefect."""
 
 import importlib
 import pkgutil
@@ -10,11 +11,12 @@ import pytest
 
 import bench
 import flows
+import infra
 import serving
 import stages
 import sweeps
 
-PACKAGES = (stages, serving, sweeps, flows, bench)
+PACKAGES = (stages, serving, sweeps, flows, infra, bench)
 FOUND = [
     (name, is_package)
     for package in PACKAGES

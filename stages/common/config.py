@@ -35,6 +35,7 @@ LAUNCHERS = ("single", "accelerate")  # train_qlora in this process, or under `a
 MERGE_TARGETS = ("dequantized", "unquantized")
 GGUF_TYPES = ("f16", "q8_0")  # export.gguf: GGUF files of the merged model (serving/gguf.py)
 SWEEP_METHODS = ("grid", "random")  # every combination of the swept values, or `sweep.trials` drawn from them
+SWEEP_BACKENDS = ("local", "prefect")  # DVC's queue on this machine, or flow runs on a Prefect work pool's workers
 SWEEP_REGISTER = ("best", "all")  # which trials get a registry version (only the best meets the gate)
 # The metrics the promotion gate can decide on: {name: (the data shapes they score, greater is better)}.
 # stages/tracking/gate.py computes each from per-item results; "auto" is avg_error for prices, loss otherwise.
@@ -357,6 +358,9 @@ class SweepConfig(Section):
     jobs: int = at_least(1, 1)  # trials run side by side by DVC's queue; each gets cores / jobs threads
     register: str = one_of("best", SWEEP_REGISTER)
     sample_seed: int = 0  # method random: which combinations are drawn
+    backend: str = one_of("local", SWEEP_BACKENDS)  # where trials run (sweeps/queue.py, sweeps/workers.py)
+    deployment: str = "sweep-trial/worker-trial"  # backend prefect: the trial deployment (prefect.yaml)
+    git_remote: str = "origin"  # backend prefect: the sweep's commit goes out, and its trials come back, here
 
     def check(self) -> None:
         if not self.grid:
@@ -370,6 +374,8 @@ class SweepConfig(Section):
             self.fail("seeds", "distinct train.seed values, or [] for the params' own seed")
         if self.method == "random" and self.trials is None:
             self.fail("trials", "how many trials to draw (a number of at least 1) with method random")
+        if self.deployment.count("/") != 1 or not all(self.deployment.split("/")):
+            self.fail("deployment", "<flow name>/<deployment name>, as `prefect deployment ls` shows it")
 
 
 @dataclass(frozen=True)
