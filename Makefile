@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 # Stage commands in dvc.yaml call `python`: make it this environment's.
 RUN := env PATH="$(BIN):$$PATH" PREFECT_SERVER_ANALYTICS_ENABLED=false
 
-.PHONY: venv demo sweep test test-fast test-random serve-champion predict history lint format repro plan prefect-server serve deploy worker deploy-trials trial-worker servers mlflow-ui mlflow-server bench bench-train bench-profile bench-eval bench-data bench-memory bench-memory-1b bench-overhead bench-noise bench-gguf bench-serving bench-schedule clean
+.PHONY: venv demo sweep test test-fast test-random serve-champion predict history lint format repro plan prefect-server serve deploy worker deploy-trials trial-worker servers mlflow-ui mlflow-server bench bench-train bench-profile bench-eval bench-data bench-memory bench-memory-1b bench-overhead bench-noise bench-gguf bench-serving bench-schedule bench-sweep-workers bench-store clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -52,7 +52,7 @@ repro: venv
 
 # The benchmarks of docs/performance.md, after `make demo` (its page says how long each takes); each prints a
 # table and writes bench/results/<name>.json.
-bench: bench-train bench-profile bench-eval bench-data bench-overhead bench-memory bench-memory-1b bench-noise bench-gguf bench-serving bench-schedule
+bench: bench-train bench-profile bench-eval bench-data bench-overhead bench-memory bench-memory-1b bench-noise bench-gguf bench-serving bench-schedule bench-sweep-workers bench-store
 
 # The project's training against TRL's SFTTrainer padded as the course does and as TRL recommends;
 # TRAINERS="careful project" ROUNDS=6 for the paired loss comparison without the slow padded peer.
@@ -144,6 +144,13 @@ servers: venv
 
 bench-overhead: venv
 	$(RUN) $(BIN)/python -m bench.pipeline_overhead
+
+# The tiny 2 x 2 sweep on 1 and on 2 Prefect workers (sweep.backend prefect), and many trials writing to MLflow
+# at once on PostgreSQL and on SQLite; both start PostgreSQL for themselves (docs/performance.md).
+bench-sweep-workers: venv
+	$(RUN) $(BIN)/python -m bench.sweep_workers
+bench-store: venv
+	$(RUN) $(BIN)/python -m bench.store_load
 
 # Whatever holds the registry's champion alias on http://127.0.0.1:5001 (params `serve`), following the alias
 # when a retrain moves it, with no restart: POST /invocations with {"dataframe_records": [{"text": "..."}]},

@@ -202,6 +202,13 @@ def prefect_server(home: Path, env: dict[str, str], database_url: str | None = N
         yield url
 
 
+# The tracking server's connections to its store. MLflow's default (SQLAlchemy's 5 + 10 overflow) is below the
+# threads its one server process answers with (40, anyio's default), and some requests hold two connections at
+# once: with a few dozen clients writing together (bench/store_load.py) every connection was taken by a request
+# waiting for a second one, and requests failed after the pool's 30 s timeout. More connections than threads.
+STORE_POOL = {"MLFLOW_SQLALCHEMYSTORE_POOL_SIZE": "20", "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW": "40"}
+
+
 def mlflow_server_command(backend_store_uri: str, artifacts_destination: str, port: int) -> list[str]:
     """`mlflow server` on 127.0.0.1:`port` with one worker process, serving (proxying) artifacts: clients
     upload and download them through the server, so they need no access to `artifacts_destination`."""
@@ -227,6 +234,7 @@ def mlflow_server(folder: Path, env: dict[str, str], backend_store_uri: str | No
     server_env = {key: value for key, value in env.items() if not key.startswith("MLFLOW_")}
     # The job runner (GenAI judges and scorers, unused here) adds worker processes; leave it off.
     server_env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    server_env.update(STORE_POOL)
     with loopback_server("mlflow server", command, f"{uri}/health", server_env, folder / "server.log", timeout):
         yield uri
 

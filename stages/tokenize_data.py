@@ -28,7 +28,7 @@ from stages.common.charts import token_histogram
 from stages.common.cli import run_stage
 from stages.common.config import CHAT, Params, PromptConfig
 from stages.common.errors import InputError, StageError
-from stages.common.io import atomic_path, numbered_jsonl, write_csv, write_json
+from stages.common.io import atomic_path, file_sha256, numbered_jsonl, write_csv, write_json
 from stages.common.labels import IGNORE_INDEX
 from stages.common.modeling import load_tokenizer
 from stages.common.paths import Paths
@@ -179,9 +179,20 @@ def length_rows(lengths: dict[str, list[int]]) -> list[dict]:
     return rows
 
 
+def memory_mapped(arrow_file: Path):
+    """The Dataset over `arrow_file`, memory-mapped, fingerprinted by the file's sha256. `Dataset.from_file`
+    derives its fingerprint from the file's path, a random scratch folder here: the same rows then saved with
+    another fingerprint on every run and every machine, so DVC hashed the output differently each time and a
+    run cache filled on one machine never matched on another (a sweep's trials on several workers)."""
+    from datasets import Dataset
+    from datasets.table import MemoryMappedTable
+
+    return Dataset(MemoryMappedTable.from_file(str(arrow_file)), fingerprint=file_sha256(arrow_file)[:16])
+
+
 def run(params: Params, paths: Paths) -> Result:
     """Tokenize the train and val splits; write the arrow datasets, the length report and plot."""
-    from datasets import Dataset, DatasetDict
+    from datasets import DatasetDict
 
     cfg = params.prompt
     tokenizer = load_tokenizer(paths.base_model)
@@ -193,7 +204,7 @@ def run(params: Params, paths: Paths) -> Result:
         for name in TOKENIZED_SPLITS:
             arrow_file = Path(scratch) / f"{name}.arrow"
             splits[name] = tokenize_split(tokenizer, paths.split(name), cfg, arrow_file)
-            datasets[name] = Dataset.from_file(str(arrow_file))
+            datasets[name] = memory_mapped(arrow_file)
         with atomic_path(paths.tokenized) as tmp:
             DatasetDict(datasets).save_to_disk(str(tmp))
         del datasets  # memory-mapped from the scratch files: released before they are removed

@@ -22,6 +22,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,7 @@ TRIAL_STATES = {
     "COMPLETED": SUCCESS, "FAILED": FAILED, "CRASHED": FAILED, "CANCELLED": FAILED,
 }  # fmt: skip
 FINAL_TYPES = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+NO_WORKER_SECONDS = 120  # the trials wait for workers; after this long with none started, say how to start one
 
 
 def git(root: Path, *args: str) -> str:
@@ -71,6 +73,8 @@ class WorkerPool:
     flow_runs: dict[str, str] = field(default_factory=dict)  # trial name -> flow run id
     commit: str = ""
     git_url: str = ""
+    pool: str = ""
+    waiting_since: float | None = None  # when the trials were submitted, until one is picked up
 
     def where(self) -> str:
         return f"flow runs of {self.deployment} on its work pool's workers"
@@ -79,7 +83,7 @@ class WorkerPool:
         """Check the deployment and the remotes; publish the commit and the DVC cache the trials start from."""
         from prefect.deployments import run_deployment  # noqa: F401  (fails early when Prefect is missing)
 
-        pool = read_deployment(self.deployment)
+        self.pool = pool = read_deployment(self.deployment)
         self.git_url = git(self.root, "remote", "get-url", self.git_remote)
         self.commit = git(self.root, "rev-parse", "HEAD")
         git(self.root, "push", "--quiet", self.git_remote, f"{self.commit}:{sweep_ref(self.sweep_id)}")
@@ -97,6 +101,7 @@ class WorkerPool:
             self.deployment, parameters=parameters, timeout=0, flow_run_name=name, tags=["sweep", self.sweep_id]
         )
         self.flow_runs[name] = str(flow_run.id)
+        self.waiting_since = self.waiting_since or time.monotonic()
 
     def start(self) -> None:
         """Nothing to start: the pool's workers pick the flow runs up."""
@@ -108,7 +113,16 @@ class WorkerPool:
             return client.read_flow_run(self.flow_runs[name])
 
     def states(self) -> dict[str, str]:
-        return {name: TRIAL_STATES.get(self.flow_run(name).state_type.value, QUEUED) for name in self.flow_runs}
+        states = {name: TRIAL_STATES.get(self.flow_run(name).state_type.value, QUEUED) for name in self.flow_runs}
+        if self.waiting_since is not None and any(state != QUEUED for state in states.values()):
+            self.waiting_since = None
+        elif self.waiting_since is not None and time.monotonic() - self.waiting_since > NO_WORKER_SECONDS:
+            print(
+                f"no worker of work pool {self.pool} has picked up a trial in {NO_WORKER_SECONDS} s; start one in a "
+                'clone of the project with `make trial-worker` (docs/sweeps.md, "Across machines")'
+            )
+            self.waiting_since = None  # said once
+        return states
 
     def collect(self, names: list[str]) -> None:
         """`dvc exp pull` the finished trials: their experiments (refs/exps) and the outputs they name."""

@@ -116,3 +116,17 @@ def test_broken_jsonl_line_exits_1_naming_file_and_line(project, tiny_model_dir,
     assert tokenize_data.main([]) == 1
     assert "train.jsonl:2: not valid JSON" in capsys.readouterr().err
     assert not (project / "data" / "tokenized").exists()
+
+
+def test_the_same_splits_tokenize_to_the_same_bytes_in_another_folder(pipeline_project, tmp_path):
+    """Every file of data/tokenized is the same when tokenized again elsewhere (another clone, another machine), so
+    DVC hashes it the same and a run cache filled by one machine's trial serves another's."""
+    from tests.conftest import copy_outputs
+
+    paths, params, _ = pipeline_project
+    again = copy_outputs(paths, tmp_path)
+    shutil.rmtree(again.tokenized)
+    tokenize_data.run(params, again)
+    files = sorted(p.relative_to(paths.tokenized) for p in paths.tokenized.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(again.tokenized) for p in again.tokenized.rglob("*") if p.is_file())
+    assert all((paths.tokenized / f).read_bytes() == (again.tokenized / f).read_bytes() for f in files)

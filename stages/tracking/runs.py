@@ -331,7 +331,26 @@ def log_splits(client, run_id: str, paths: Paths, source: str) -> None:
         for split in ("train", "val", "test")
         if split in data
     ]
-    client.log_inputs(run_id, datasets=inputs)
+    log_inputs_once_stored(client, run_id, inputs)
+
+
+def log_inputs_once_stored(client, run_id: str, inputs: list, attempts: int = 3) -> None:
+    """`client.log_inputs(run_id, datasets=inputs)`, again when it collided with another run's. MLflow's SQL
+    store looks up which datasets exist, then inserts the others: two runs logging the same new dataset at the
+    same moment (a sweep's trials, which share their splits, finishing together on a PostgreSQL-backed server)
+    both insert it, and the second fails on the dataset's unique key. On the next attempt the dataset exists
+    and is only linked to the run."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(1, attempts + 1):
+        try:
+            client.log_inputs(run_id, datasets=inputs)
+            return
+        except MlflowException as exc:
+            collided = any(word in str(exc) for word in ("UniqueViolation", "UNIQUE constraint", "Duplicate entry"))
+            if not collided or attempt == attempts:
+                raise
+            time.sleep(0.2 * attempt)
 
 
 def params_sections(params: Params) -> dict:

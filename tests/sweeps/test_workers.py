@@ -8,72 +8,67 @@ from the run cache the first sweep pushed, and a trial that fails stops nothing 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sys
-import time
 from pathlib import Path
-from typing import NamedTuple
 
 import pytest
 
-from infra.servers import background_process
-from tests.flow_workspace import commit, dvc, latest_report, new_workspace, run, set_param, workspace_env
-
-POOL, DEPLOYMENT, MODEL = "trial-pool", "worker-trial", "qlora-price-adapter"
-GRID = {"train.learning_rate": [3.0e-3, 1.0e-2], "lora.r": [4, 8]}
-PREFECT = [sys.executable, "-m", "prefect", "--no-prompt"]
-DEFAULT_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]  # params.yaml's lora.target_modules
+from stages.common.errors import ConfigError, StageError
+from sweeps.queue import FAILED, QUEUED, SUCCESS
+from sweeps.workers import FINAL_TYPES, NO_WORKER_SECONDS, TRIAL_STATES, WorkerPool, read_deployment
+from tests.flow_workspace import dvc, latest_report, run, set_param
+from tests.sweep_machines import DEFAULT_MODULES, GRID, MODEL, run_sweep, sweep_machines
 
 
-class Machines(NamedTuple):
-    coordinator: Path
-    env: dict  # the coordinator's: PREFECT_API_URL and MLFLOW_TRACKING_URI of the shared servers
-    clones: list[Path]  # each worker's own clone
-    tracking_uri: str
+def test_every_prefect_state_is_a_trial_state():
+    from prefect.client.schemas.objects import StateType
+
+    assert {state.value for state in StateType} == set(TRIAL_STATES)
+    assert set(FINAL_TYPES) == {s for s, trial in TRIAL_STATES.items() if trial in (SUCCESS, FAILED)}
+
+
+def test_trials_no_worker_picks_up_are_said_once_with_the_command_that_starts_one(monkeypatch, capsys, tmp_path):
+    import time
+    from types import SimpleNamespace
+
+    scheduled = SimpleNamespace(state_type=SimpleNamespace(value="SCHEDULED"))
+    monkeypatch.setattr(WorkerPool, "flow_run", lambda self, name: scheduled)
+    pool = WorkerPool(tmp_path, {}, "s", "sweep-trial/worker-trial", "origin", None, {}, pool="trial-pool")
+    pool.flow_runs = {"s-01": "id"}
+    pool.waiting_since = time.monotonic() - NO_WORKER_SECONDS - 1
+    assert pool.states() == {"s-01": QUEUED} and pool.states() == {"s-01": QUEUED}
+    said = capsys.readouterr().out
+    assert said.count("no worker of work pool trial-pool has picked up a trial") == 1 and "make trial-worker" in said
+
+
+def test_trials_on_workers_need_a_tracking_server(tmp_path):
+    from flows.sweep import trial_backend
+    from stages.common.config import params_from_dict
+    from stages.common.paths import Paths
+
+    params = params_from_dict({"sweep": {"backend": "prefect"}})
+    trial_env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    with pytest.raises(StageError, match="only this machine opens; point MLFLOW_TRACKING_URI at a tracking server"):
+        trial_backend(Paths.at(tmp_path), params, "sweep-x", trial_env, jobs=1)
+
+
+def test_a_missing_trial_deployment_names_the_make_targets(prefect_api, monkeypatch):
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
+    with pytest.raises(StageError, match="no deployment 'sweep-trial/absent'; create it with `make deploy-trials`"):
+        read_deployment("sweep-trial/absent")
+
+
+def test_the_trial_deployment_is_named_flow_slash_deployment():
+    from stages.common.config import params_from_dict
+
+    with pytest.raises(ConfigError, match=r"sweep.deployment: expected <flow name>/<deployment name>"):
+        params_from_dict({"sweep": {"deployment": "worker-trial"}})
 
 
 @pytest.fixture(scope="module")
 def machines(team_servers, tmp_path_factory, tiny_model_dir):
-    """The coordinator's project (committed, pushed to the bare repository, its DVC remote a local folder), the
-    trial pool and deployment, and two workers each serving one trial at a time from its own clone."""
-    base = tmp_path_factory.mktemp("machines")
-    coordinator = base / "coordinator"
-    coordinator.mkdir()
-    sweep = {"backend": "prefect", "grid": GRID, "fixed": {"train.max_steps": 4}, "register": "best"}
-    overrides = {"base_model": {"source": str(tiny_model_dir)}, "sweep": sweep}  # a path every machine reads
-    env = new_workspace(coordinator, tiny_model_dir, team_servers.prefect_api, overrides)
-    env["MLFLOW_TRACKING_URI"] = team_servers.tracking_uri
-    run(["git", "init", "-q", "--bare", str(base / "project.git")], base, env)
-    run(["git", "remote", "add", "origin", str(base / "project.git")], coordinator, env)
-    dvc(["remote", "add", "-d", "shared", str(base / "dvc-remote")], coordinator, env)
-    commit(coordinator, env, "tiny project")
-    run(["git", "push", "-q", "origin", "HEAD:refs/heads/main"], coordinator, env)
-    run([*PREFECT, "work-pool", "create", POOL, "--type", "process"], coordinator, env)
-    run([*PREFECT, "deploy", "--name", DEPLOYMENT], coordinator, env)
-    clones = []
-    with contextlib.ExitStack() as stack:
-        for n in (1, 2):
-            clone = base / f"machine-{n}"
-            run(["git", "clone", "-q", "-b", "main", str(base / "project.git"), str(clone)], base, env)
-            worker_env = {**workspace_env(clone, team_servers.prefect_api), "PROJECT_DIR": str(clone),
-                          "PREFECT_WORKER_QUERY_SECONDS": "1", "OMP_NUM_THREADS": "1"}  # fmt: skip
-            worker = [*PREFECT, "worker", "start", "--pool", POOL, "--type", "process", "--limit", "1"]
-            log = base / f"worker-{n}.log"
-            stack.enter_context(background_process([*worker, "--name", f"machine-{n}"], worker_env, log, cwd=clone))
-            clones.append(clone)
-        yield Machines(coordinator, env, clones, team_servers.tracking_uri)
-
-
-def sweep(machines: Machines):
-    """`python -m flows.sweep` on the coordinator: (completed process, wall seconds, the report's folder)."""
-    root = machines.coordinator
-    started = time.monotonic()
-    done = run([sys.executable, "-m", "flows.sweep", "--project-dir", str(root)], root, machines.env, check=False)
-    seconds = time.monotonic() - started
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    folder = max((root / "reports" / "sweeps").iterdir(), key=lambda p: p.stat().st_mtime)
-    return done, seconds, folder
+    with sweep_machines(tmp_path_factory.mktemp("machines"), team_servers, tiny_model_dir, workers=2) as machines:
+        yield machines
 
 
 def sweep_runs(uri: str, sweep_id: str):
@@ -89,7 +84,7 @@ def sweep_runs(uri: str, sweep_id: str):
 
 @pytest.fixture(scope="module")
 def first_sweep(machines):
-    done, seconds, folder = sweep(machines)
+    done, seconds, folder = run_sweep(machines)
     print(f"2 x 2 sweep on two workers: {seconds:.1f} s")
     return done, folder
 
@@ -135,7 +130,7 @@ def test_the_same_trial_is_reused_and_a_failing_one_is_named(machines, first_swe
     grid = {"train.learning_rate": [3.0e-3], "lora.r": [4], "lora.target_modules": [DEFAULT_MODULES, ["nope"]]}
     set_param(root, "sweep", "grid", grid)
     try:
-        _, _, folder = sweep(machines)
+        _, _, folder = run_sweep(machines)
     finally:
         run(["git", "checkout", "--", "params.yaml"], root, machines.env)
     markdown = (folder / "report.md").read_text()
@@ -145,4 +140,7 @@ def test_the_same_trial_is_reused_and_a_failing_one_is_named(machines, first_swe
     trials = {t["name"]: t for t in json.loads((folder / "trials.json").read_text())}
     _, first_folder = first_sweep
     first = {tuple(t["values"][k] for k in GRID): t for t in json.loads((first_folder / "trials.json").read_text())}
-    assert trials[f"{folder.name}-01"]["run_id"] == first[(3.0e-3, 4)]["run_id"]  # reused, not trained again
+    original = first[(3.0e-3, 4)]["run_id"]
+    assert trials[f"{folder.name}-01"]["run_id"] == original  # restored from the pushed run cache, not trained
+    _, _, reused = sweep_runs(machines.tracking_uri, folder.name)
+    assert [r.data.tags["sweep.reused_run"] for r in reused] == [original] and "| reused |" in markdown
