@@ -40,7 +40,7 @@ def sweep_machines(base: Path, servers, tiny_model_dir: Path, workers: int = 2):
     stopped afterwards."""
     threads = max(cores() // workers, 1)  # the "machines" share this one's cores
     coordinator = base / "coordinator"
-    coordinator.mkdir()
+    coordinator.mkdir(parents=True)
     sweep = {"backend": "prefect", "grid": GRID, "fixed": {"train.max_steps": 4}, "register": "best"}
     overrides = {"base_model": {"source": str(tiny_model_dir)}, "sweep": sweep}  # a path every machine reads
     env = new_workspace(coordinator, tiny_model_dir, servers.prefect_api, overrides)
