@@ -1,5 +1,6 @@
 """Helpers for the tests that run the flow end to end in a temporary git repository (test_flow_e2e.py,
-test_dvc_remote.py): build the workspace, run commands and the flow, edit params, read the flow's report."""
+test_dvc_remote.py, the sweep tests): build the workspace, run commands and the flow, edit params, read the
+flow's report and a sweep's MLflow runs."""
 
 from __future__ import annotations
 
@@ -114,3 +115,14 @@ def latest_report(env: dict, key: str = "retrain-report") -> str:
     with urllib.request.urlopen(request, timeout=30) as response:
         (artifact,) = json.load(response)
     return artifact["data"]
+
+
+def sweep_runs(uri: str, sweep_id: str):
+    """(client, parent run, child runs) of the sweep in the MLflow store or on the tracking server at `uri`."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("qlora-price")
+    runs = client.search_runs([experiment.experiment_id], f"tags.`sweep.id` = '{sweep_id}'")
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    return client, parent, [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]

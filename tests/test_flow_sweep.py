@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from tests.conftest import REPO_ROOT
-from tests.flow_workspace import dvc, latest_report, run, set_param
+from tests.flow_workspace import dvc, latest_report, run, set_param, sweep_runs
 
 FEW_STEPS = {"train.max_steps": 4}
 
@@ -21,17 +21,6 @@ def sweep(root: Path, env: dict, grid: dict, register: str = "best"):
     set_param(root, "sweep", "jobs", 2)
     set_param(root, "sweep", "register", register)
     return run([sys.executable, "-m", "flows.sweep", "--project-dir", str(root)], root, env, check=False)
-
-
-def sweep_runs(uri: str, sweep_id: str):
-    """(parent run, child runs) of the sweep in the store at `uri`."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("qlora-price")
-    runs = client.search_runs([experiment.experiment_id], f"tags.`sweep.id` = '{sweep_id}'")
-    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    return client, parent, [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
 
 
 def report_folder(root: Path) -> Path:

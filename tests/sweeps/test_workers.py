@@ -16,7 +16,7 @@ import pytest
 from stages.common.errors import ConfigError, StageError
 from sweeps.queue import FAILED, QUEUED, SUCCESS
 from sweeps.workers import FINAL_TYPES, NO_WORKER_SECONDS, TRIAL_STATES, WorkerPool, read_deployment
-from tests.flow_workspace import dvc, latest_report, run, set_param
+from tests.flow_workspace import dvc, latest_report, run, set_param, sweep_runs
 from tests.sweep_machines import DEFAULT_MODULES, GRID, MODEL, run_sweep, sweep_machines
 
 
@@ -69,17 +69,6 @@ def test_the_trial_deployment_is_named_flow_slash_deployment():
 def machines(team_servers, tmp_path_factory, tiny_model_dir):
     with sweep_machines(tmp_path_factory.mktemp("machines"), team_servers, tiny_model_dir, workers=2) as machines:
         yield machines
-
-
-def sweep_runs(uri: str, sweep_id: str):
-    """(client, parent run, child runs) of the sweep on the tracking server at `uri`."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("qlora-price")
-    runs = client.search_runs([experiment.experiment_id], f"tags.`sweep.id` = '{sweep_id}'")
-    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    return client, parent, [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
 
 
 @pytest.fixture(scope="module")
