@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import yaml
 from prefect import flow, task
@@ -107,6 +108,12 @@ def trial_backend(paths: Paths, params: Params, sweep_id: str, trial_env: dict[s
         raise StageError(
             f"sweep.backend prefect: trials on other machines would record into {shown_uri(store)}, which only "
             "this machine opens; point MLFLOW_TRACKING_URI at a tracking server (docs/operations.md)"
+        )
+    if urlsplit(store).password:  # the URI becomes a flow-run parameter, which Prefect stores and shows
+        raise StageError(
+            f"sweep.backend prefect: the tracking URI {shown_uri(store)} holds a password, which the trials' flow "
+            "runs would store on the Prefect server; give the workers MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in their environment instead"
         )
     env = stage_environment({})
     return WorkerPool(paths.root, env, sweep_id, params.sweep.deployment, params.sweep.git_remote,

@@ -36,4 +36,4 @@ def sweep_trial(
     details = {"trial": trial, "arguments": arguments, "commit": commit, "ref": ref, "git_url": git_url,
                "dvc_remote": dvc_remote}  # fmt: skip
     with workspace_lock(paths, wait, owner=f"sweep trial {trial}"):
-        return run_trial(paths.root, details, stage_environment({**environment, "PIPELINE_STARTED_BY": "sweep"}))
+        return run_trial(paths.root, details, stage_environment(environment))

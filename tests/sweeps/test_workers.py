@@ -50,6 +50,10 @@ def test_trials_on_workers_need_a_tracking_server(tmp_path):
     trial_env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     with pytest.raises(StageError, match="only this machine opens; point MLFLOW_TRACKING_URI at a tracking server"):
         trial_backend(Paths.at(tmp_path), params, "sweep-x", trial_env, jobs=1)
+    secret = {"MLFLOW_TRACKING_URI": "https://bot:s3cret@mlflow.example"}  # a flow-run parameter Prefect keeps
+    with pytest.raises(StageError, match=r"https://bot:\*\*\*@mlflow.example holds a password") as refused:
+        trial_backend(Paths.at(tmp_path), params, "sweep-x", secret, jobs=1)
+    assert "s3cret" not in str(refused.value)
 
 
 def test_a_missing_trial_deployment_names_the_make_targets(prefect_api, monkeypatch):
