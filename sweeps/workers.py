@@ -81,8 +81,6 @@ class WorkerPool:
 
     def prepare(self) -> None:
         """Check the deployment and the remotes; publish the commit and the DVC cache the trials start from."""
-        from prefect.deployments import run_deployment  # noqa: F401  (fails early when Prefect is missing)
-
         self.pool = pool = read_deployment(self.deployment)
         self.git_url = git(self.root, "remote", "get-url", self.git_remote)
         self.commit = git(self.root, "rev-parse", "HEAD")
