@@ -191,10 +191,10 @@ def sweep(project_dir: str = str(PROJECT_ROOT), jobs: int | None = None) -> dict
             raise
         wall = time.monotonic() - started
         backend.collect([name for name in names if watch.states.get(name) == SUCCESS])
-        return conclude(client, paths, params, (parent, sweep_id), trials, watch, wall, jobs, backend)
+        return conclude(client, paths, params, (parent, sweep_id), trials, watch, wall, backend)
 
 
-def conclude(client, paths: Paths, params: Params, sweep, trials, watch: Watch, wall: float, jobs: int, backend):
+def conclude(client, paths: Paths, params: Params, sweep, trials, watch: Watch, wall: float, backend):
     """After the trials of `sweep` (its parent run id, its name) ran on `backend`: their outcomes, the gate on
     the best, the report, the parent run closed."""
     parent, sweep_id = sweep
@@ -212,7 +212,7 @@ def conclude(client, paths: Paths, params: Params, sweep, trials, watch: Watch, 
     view = save_view(client, uri, experiment, sweep_id, trials[0].swept, gate.metric, not gate.greater_is_better)
     saved = f"The comparison, saved in the experiment ({gate.metric} against the swept params): {view}"
     where = f"{mlflow_hint(uri, parent, experiment)}\n\n{saved}"
-    closing = closing_section(decision, registered, wall, jobs, where)
+    closing = closing_section(decision, registered, wall, backend.where(), where)
     markdown = report_markdown(sweep_id, outcomes, gate, params.data.shape, closing)
     folder = publish(client, paths, parent, sweep_id, markdown, outcomes, gate)
     summary = {

@@ -158,11 +158,12 @@ def sweep_chart(outcomes: list[Outcome], gate: Gate, path: Path) -> None:
     save(fig, path)
 
 
-def closing_section(decision: dict | None, registered: list[str], wall: float, jobs: int, where: str) -> str:
-    """The report's end: the gate's decision, other versions registered, the wall time and where the runs are."""
+def closing_section(decision: dict | None, registered: list[str], wall: float, ran: str, where: str) -> str:
+    """The report's end: the gate's decision, other versions registered, the wall time, how the trials `ran`
+    (the backend's own words) and `where` the runs are."""
     gate = promotion_markdown(decision) if decision else "No trial succeeded: nothing was registered or gated."
     others = f"\n\nOther trials registered without an alias: versions {', '.join(registered)}." if registered else ""
     return (
         f"## Promotion (the gate, once for the sweep's best trial)\n\n{gate}{others}\n\n"
-        f"## Where\n\nWall time {wall / 60:.1f} min with {jobs} job(s) side by side. {where}\n"
+        f"## Where\n\nWall time {wall / 60:.1f} min, the trials run as {ran}. {where}\n"
     )

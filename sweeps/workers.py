@@ -8,8 +8,8 @@ The coordinator (`WorkerPool`, driven by flows/sweep.py):
 2. creates one flow run per trial (`prefect.deployments.run_deployment`, not waiting) and reads their states;
 3. fetches the finished trials' experiments (`dvc exp pull`): `dvc exp show` here lists every trial.
 
-A trial on a worker (`run_trial`): check out the sweep's commit, `dvc pull --run-cache`, `dvc exp run --name
-<trial> -S ...` (record_run logs the child run in the shared MLflow server), then `dvc exp push --run-cache`
+A trial on a worker (`run_trial`): check out the sweep's commit, `dvc pull --run-cache`, `dvc exp run --pull
+--name <trial> -S ...` (record_run logs the child run in the shared MLflow server), then `dvc exp push --run-cache`
 to the Git and DVC remotes. Stages another trial or sweep already ran come back from the run cache, so the
 same sweep again reuses its finished trials. A worker that dies mid-trial leaves its flow run Crashed (the
 heartbeat automation, flows/heartbeats.py): that trial is failed, not retried; the others land and the
@@ -186,7 +186,9 @@ def run_trial(root: Path, trial: dict, env: dict) -> dict:
     git(root, "checkout", "--quiet", "--force", "--detach", trial["commit"])  # a clone for trials: nothing to keep
     dvc(root, env, "pull", "--run-cache", "--allow-missing", *remote)
     print(f"{name}: running at {trial['commit'][:12]} in {root} on {socket.gethostname()}")
-    streamed([sys.executable, "-m", "dvc", "exp", "run", "--name", name, *trial["arguments"]], root, env)
+    # --pull: a stage found in the run cache needs its outputs, which `dvc pull --run-cache` does not fetch
+    experiment = [sys.executable, "-m", "dvc", "exp", "run", "--pull", "--name", name, *trial["arguments"]]
+    streamed(experiment, root, env)
     dvc(root, env, "exp", "push", "--run-cache", *remote, trial["git_url"], name)
     print(f"{name}: pushed to {trial['git_url']} (refs/exps) and the DVC remote")
     return {"trial": name, "host": socket.gethostname(), "workspace": str(root), "pid": os.getpid()}
