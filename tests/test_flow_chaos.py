@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import yaml
 
-from flows.retrain import STAGES
+from stages import STAGES
 from tests.flow_workspace import commit, flow, latest_report, new_workspace
 
 HEARTBEAT_SECONDS = 30  # Prefect's minimum

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.retrain import STAGES
+from stages import STAGES
 from tests.conftest import REPO_ROOT, price_rows
 from tests.flow_workspace import commit, dvc, flow, latest_report, run, set_param
 

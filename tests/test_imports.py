@@ -1,5 +1,5 @@
-"""Every module in stages/, serving/, sweeps/, flows/, infra/ and bench/ imports; a stage imports no torch or
-prefect."""
+"""Every module in qlora_pipeline/, stages/, serving/, sweeps/, flows/, infra/ and bench/ imports; a stage imports
+no torch or prefect."""
 
 import importlib
 import pkgutil
@@ -12,11 +12,12 @@ import pytest
 import bench
 import flows
 import infra
+import qlora_pipeline
 import serving
 import stages
 import sweeps
 
-PACKAGES = (stages, serving, sweeps, flows, infra, bench)
+PACKAGES = (qlora_pipeline, stages, serving, sweeps, flows, infra, bench)
 FOUND = [
     (name, is_package)
     for package in PACKAGES
@@ -29,7 +30,7 @@ STAGE_MODULES = sorted(name for name, is_package in FOUND if not is_package and 
 def test_every_stage_has_a_module():
     import yaml
 
-    from flows.retrain import STAGES
+    from stages import STAGES
 
     assert set(STAGES) <= {name.split(".")[-1] for name in MODULES}
     dvc_yaml = Path(stages.__file__).resolve().parent.parent / "dvc.yaml"

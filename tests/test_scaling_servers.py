@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.retrain import STAGES
 from infra.servers import background_process
+from stages import STAGES
 from tests.conftest import REPO_ROOT
 from tests.flow_workspace import commit, latest_report, new_workspace, run, workspace_env
 
