@@ -96,6 +96,17 @@ bench-noise: venv
 bench-gguf: venv
 	$(RUN) $(BIN)/python -m bench.gguf_scores
 
+# llama.cpp against transformers on a tiny Llama-3.1-shaped model (llama3 rope scaling) exported to GGUF, and
+# the rest of tests/serving/test_gguf.py; builds llama-cpp-python once into a cached wheel (several minutes).
+gguf-check: venv
+	$(RUN) $(BIN)/python -c "from bench.gguf_scores import ensure_llama_cpp; ensure_llama_cpp()"
+	$(RUN) $(BIN)/python -m pytest tests/serving/test_gguf.py
+
+# On a CUDA machine: the gpu-marked tests, then QLoRA training speed at the 135M and 1B shapes (tok/s, peak
+# memory, MFU) into bench/results/gpu_check.json, in a few minutes (bench/gpu_check.py).
+gpu-check: venv
+	$(RUN) $(BIN)/python -m bench.gpu_check
+
 # The champion served (one item per request, and batches) and batch prediction against evaluate_adapter.
 bench-serving: venv
 	$(RUN) $(BIN)/python -m bench.serving_speed

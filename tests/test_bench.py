@@ -195,3 +195,19 @@ def test_the_retrain_schedule_delivers_every_diamond_once_in_the_shares_asked():
     first, second = lines.splitlines()[2:]
     assert " ".join(first.split()) == "1 43,152 171 - - 600 - 171 base model v1 champion 7 m 01 s"
     assert second.split()[3:5] == ["171", "25"] and "challenger" in second
+
+
+def test_the_gpu_check_trains_and_reports_on_a_cpu_when_allowed(tmp_path, monkeypatch, capsys):
+    from bench.gpu_check import device_peak_tflops, main
+
+    monkeypatch.chdir(REPO_ROOT)  # the project's params.yaml; nothing is written there
+    output = tmp_path / "gpu_check.json"
+    assert main(["--allow-cpu", "--shapes", "tiny", "--skip-tests", "--steps", "2", "--output", str(output)]) == 0
+    assert "tok/s" in capsys.readouterr().out
+    result = json.loads(output.read_text())
+    (row,) = result["shapes"]
+    assert row["shape"] == "tiny" and row["tokens_per_second"] > 0 and row["flops_per_token"] > 0
+    assert result["peak_bf16_tflops"] is None and result["gpu_tests_exit_code"] is None
+    assert device_peak_tflops("NVIDIA H100 PCIe", None) == 756.0
+    assert device_peak_tflops("NVIDIA H100 80GB HBM3", None) == 989.4
+    assert device_peak_tflops("Some GPU", 100.0) == 100.0 and device_peak_tflops("Some GPU", None) is None
