@@ -63,7 +63,7 @@ def device_peak_tflops(name: str, given: float | None) -> float | None:
 def gpu_tests() -> int:
     """`pytest -m gpu` in a process of its own; its exit code."""
     print("== pytest -m gpu", flush=True)
-    return subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:randomly"]).returncode
+    return subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q"]).returncode
 
 
 def train_shape(shape: str, steps: int, params) -> dict:
