@@ -130,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(docs/training.md, 'The planner'). Same as `make plan`.",
         epilog="example: qlora-pipeline plan --with configs/llama-3.1-8b.yaml",
     )
-    plan.add_argument("--with", dest="overrides", type=Path, help="an override file to plan with (not written)")
+    plan.add_argument(
+        "--with", dest="overrides", metavar="FILE", type=Path, help="an override file to plan with (not written)"
+    )
     stage = commands.add_parser(
         "stage",
         help="Run one DVC stage's command",

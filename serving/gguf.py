@@ -9,10 +9,12 @@ Hugging Face keeps them in halves). `modelfile(...)` is an Ollama Modelfile that
 greedy decoding and the stop token, so `ollama create pricer -f Modelfile` gives a model that answers a bare
 description with a price.
 
-Limits: Llama-architecture models (SmolLM2, Llama 2/3) without rope scaling; a checkpoint whose config has
-`rope_scaling` (Llama 3.1's "llama3") is refused with that reason, since its rotary frequency table is not
-written. The tokenizer's pre-tokenizer name (how llama.cpp splits text before BPE) is known for SmolLM2 and
-Llama 3; for other tokenizers "default" is written, with a warning.
+Limits: Llama-architecture models (SmolLM2, Llama 2/3/3.1) whose rope type is "default" or "llama3". For
+"llama3" (Llama 3.1's scaling) the rotary frequency factors are written as the F32 tensor `rope_freqs.weight`,
+one per rotary pair, as llama.cpp's own converter writes them (and, like it, no rope-scaling metadata keys);
+llama.cpp divides each base frequency by its factor. Any other rope type (linear, dynamic, yarn, longrope...)
+is refused with that reason. The tokenizer's pre-tokenizer name (how llama.cpp splits text before BPE) is
+known for SmolLM2 and Llama 3; for other tokenizers "default" is written, with a warning.
 
 Run: `export.gguf: [f16, q8_0]` with `export.merge: true` (export_hub writes export/gguf/), then
 `python -m bench.gguf_scores` scores the files with llama.cpp (llama-cpp-python).
@@ -20,6 +22,7 @@ Run: `export.gguf: [f16, q8_0]` with `export.merge: true` (export_hub writes exp
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -79,10 +82,63 @@ def rope(config) -> dict:
     return dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
 
 
+# The rope types whose rotary frequencies this writer reproduces in llama.cpp.
+ROPE_TYPES = ("default", "llama3")
+
+
+def rope_type(config) -> str:
+    """The config's rope type ("type" is the older key for it)."""
+    settings = rope(config)
+    return settings.get("rope_type") or settings.get("type") or "default"
+
+
+def rope_theta(config) -> float:
+    return rope(config).get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
+
+
+def head_size(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def llama3_rope_factors(config):
+    """Llama 3.1's rotary scaling as llama.cpp reads it: one float32 factor per rotary pair, by which llama.cpp
+    divides that pair's base frequency theta**(-2i/head_dim). Wavelengths shorter than
+    original_max_position_embeddings / high_freq_factor keep their frequency (1), those longer than
+    original_max_position_embeddings / low_freq_factor are slowed by `factor`, and those between are
+    interpolated smoothly (the same frequencies as transformers' `_compute_llama3_parameters`)."""
+    import math
+
+    import numpy as np
+
+    settings = rope(config)
+    missing = [
+        key
+        for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        if settings.get(key) is None
+    ]
+    if missing:
+        raise StageError(f"GGUF export: the llama3 rope scaling has no {', '.join(missing)}")
+    factor, low, high = settings["factor"], settings["low_freq_factor"], settings["high_freq_factor"]
+    context = settings["original_max_position_embeddings"]
+    dim, base = head_size(config), rope_theta(config)
+    long_wavelength, short_wavelength = context / low, context / high
+    factors = []
+    for pair in range(dim // 2):
+        wavelength = 2 * math.pi * base ** (2 * pair / dim)
+        if wavelength < short_wavelength:
+            factors.append(1.0)
+        elif wavelength > long_wavelength:
+            factors.append(factor)
+        else:  # between the two (an empty band when low_freq_factor == high_freq_factor)
+            smooth = (context / wavelength - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
 def write_metadata(writer, config, tokenizer, name: str, file_type: str) -> None:
     import gguf
 
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = head_size(config)
     writer.add_name(name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -90,7 +146,7 @@ def write_metadata(writer, config, tokenizer, name: str, file_type: str) -> None
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_freq_base(rope(config).get("rope_theta") or getattr(config, "rope_theta", 10000.0))
+    writer.add_rope_freq_base(rope_theta(config))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_dimension_count(head_dim)
     writer.add_vocab_size(config.vocab_size)
@@ -114,17 +170,26 @@ def write_metadata(writer, config, tokenizer, name: str, file_type: str) -> None
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
+def checkpoint_arrays(merged: Path):
+    """(name, numpy array) of every tensor in `merged`'s safetensors files, read one at a time. bfloat16 (what a
+    merge on CUDA saves) has no numpy type, so it becomes float32, which holds it exactly."""
+    import torch
+    from safetensors import safe_open
+
+    for file in sorted(merged.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as tensors:
+            for name in tensors.keys():  # noqa: SIM118 (safe_open has no iterator)
+                tensor = tensors.get_tensor(name)
+                yield name, (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
+
+
 def gguf_tensors(merged: Path, config):
     """(GGUF name, float array) of every weight of the checkpoint in `merged`, q/k re-ordered; the output layer
     left out when it is tied to the embeddings (llama.cpp then reuses token_embd)."""
     import gguf
-    from safetensors.numpy import load_file
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
-    weights = {}
-    for file in sorted(merged.glob("*.safetensors")):
-        weights.update(load_file(str(file)))
-    for hf_name, data in weights.items():
+    for hf_name, data in checkpoint_arrays(merged):
         if hf_name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
             continue
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
@@ -145,12 +210,19 @@ def write_gguf(merged: Path, out: Path, file_type: str, name: str) -> None:
     config = AutoConfig.from_pretrained(merged)
     if config.model_type != "llama":
         raise StageError(f"GGUF export writes Llama-architecture models; this one is {config.model_type!r}")
-    if rope(config).get("rope_type", "default") != "default":
-        raise StageError(f"GGUF export: rope scaling {rope(config)} is not written; use llama.cpp's converter")
+    if rope_type(config) not in ROPE_TYPES:
+        raise StageError(
+            f"GGUF export: rope scaling {rope_type(config)!r} ({rope(config)}) is not written; only rope types "
+            f"{' and '.join(map(repr, ROPE_TYPES))} are; use llama.cpp's converter (convert_hf_to_gguf.py)"
+        )
     tokenizer = AutoTokenizer.from_pretrained(merged)
     writer = gguf.GGUFWriter(str(out), "llama")
     write_metadata(writer, config, tokenizer, name, file_type)
-    for tensor_name, data in gguf_tensors(merged, config):
+    tensors = gguf_tensors(merged, config)
+    if rope_type(config) == "llama3":
+        rope_freqs = f"{gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS]}.weight"
+        tensors = itertools.chain(tensors, [(rope_freqs, llama3_rope_factors(config))])
+    for tensor_name, data in tensors:
         ggml_type, payload = tensor_type(tensor_name, data, file_type)
         writer.add_tensor(tensor_name, payload, raw_dtype=ggml_type)
     writer.write_header_to_file()

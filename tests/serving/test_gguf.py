@@ -1,17 +1,35 @@
 """The GGUF writer, read back with gguf's own reader: every weight (q/k re-ordered for llama.cpp's rotary
-layout), F16 and Q8_0 within their rounding, the hyperparameters, the tokenizer and the Ollama Modelfile."""
+layout), F16 and Q8_0 within their rounding, the hyperparameters, the tokenizer, Llama 3.1's rope scaling
+(`rope_freqs.weight`) and the Ollama Modelfile. One test runs the written file in llama.cpp (llama-cpp-python,
+which `make gguf-check` builds) and compares it with transformers past the original context."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
+import shutil
 
 import numpy as np
 import pytest
 
 from serving.gguf import modelfile, rotary_permute, write_gguf
 from stages.common.config import params_from_dict
-from stages.common.errors import ConfigError
-from tests.conftest import copy_outputs
+from stages.common.errors import ConfigError, StageError
+from tests.conftest import TINY_LLAMA, copy_outputs, price_rows
+
+# Llama 3.1's rope scaling with its original context cut to 64 positions (of 256): with head_dim 16 and theta
+# 10000 the 8 rotary wavelengths (6.3, 19.9, 62.8, 199, ...) fall in all three of its bands (shorter than
+# 64 / 4 = 16: kept; between 16 and 64: interpolated; longer than 64: slowed 8 times).
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 10000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+LLAMA_CPP_MISSING = "llama-cpp-python is not installed: `make gguf-check` builds it (cached wheel) and runs this file"
 
 
 def tensors_of(path):
@@ -25,6 +43,58 @@ def tensors_of(path):
 def undo_rotary(weights, heads: int):
     rows = weights.shape[0]
     return weights.reshape(heads, rows // heads // 2, 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+
+
+def with_rope(source, folder, rope_parameters: dict):
+    """A copy of the checkpoint in `source` whose config has `rope_parameters` instead of its own."""
+    shutil.copytree(source, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("rope_scaling", None)
+    config["rope_parameters"] = rope_parameters
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llama31_dir(tiny_model_dir, tmp_path_factory):
+    """A tiny random Llama shaped like Llama 3.1 (rope type "llama3", original context 64 of 256) with the
+    suite's tokenizer. Its weights are drawn wide (std 0.1) so that attention depends on position, and are
+    rounded to float16 before saving, so that the F16 GGUF holds them exactly."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("llama31")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.save_pretrained(folder)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        **TINY_LLAMA,
+        max_position_embeddings=256,
+        rope_parameters=dict(LLAMA3_ROPE),
+        initializer_range=0.1,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(parameter.half().float())
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def transformers_inv_freq(folder, rope_parameters: dict | None = None):
+    """transformers' own rotary inverse frequencies for the checkpoint's config (or with `rope_parameters`)."""
+    from transformers import AutoConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = AutoConfig.from_pretrained(folder)
+    if rope_parameters is not None:
+        config.rope_parameters = rope_parameters
+    return LlamaRotaryEmbedding(config).inv_freq.double().numpy()
 
 
 def test_rotary_permute_interleaves_each_heads_halves():
@@ -65,6 +135,23 @@ def test_every_weight_is_written_and_reads_back(tiny_model_dir, tmp_path, kind, 
     assert fields["general.file_type"] == {"f16": 1, "q8_0": 7}[kind]
 
 
+def test_a_bfloat16_checkpoint_exports_as_a_cuda_merge_saves_it(tiny_model_dir, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    merged = tmp_path / "merged"
+    shutil.copytree(tiny_model_dir, merged)
+    (weights_file,) = merged.glob("*.safetensors")
+    weights = {name: tensor.to(torch.bfloat16) for name, tensor in load_file(str(weights_file)).items()}
+    save_file(weights, str(weights_file), metadata={"format": "pt"})
+    write_gguf(merged, tmp_path / "model.gguf", "f16", "tiny")
+    _, arrays, _ = tensors_of(tmp_path / "model.gguf")
+    expected = weights["model.embed_tokens.weight"].float().numpy()
+    assert np.abs(arrays["token_embd.weight"] - expected).max() <= 1e-3 * np.abs(expected).max()
+
+
 def test_the_tokenizer_travels_with_its_ids(tiny_model_dir, tmp_path):
     from gguf import GGUFReader
     from transformers import AutoTokenizer
@@ -79,6 +166,90 @@ def test_the_tokenizer_travels_with_its_ids(tiny_model_dir, tmp_path):
     assert (
         reader.fields["tokenizer.ggml.model"].contents() == "gpt2" and reader.fields["tokenizer.ggml.merges"].contents()
     )
+
+
+def test_llama3_rope_scaling_is_written_as_the_frequency_factors_transformers_uses(llama31_dir, tmp_path):
+    out = tmp_path / "model.gguf"
+    write_gguf(llama31_dir, out, "f16", "tiny-3.1")
+    reader, arrays, types = tensors_of(out)
+    scaled = transformers_inv_freq(llama31_dir)
+    default = transformers_inv_freq(llama31_dir, {"rope_type": "default", "rope_theta": LLAMA3_ROPE["rope_theta"]})
+    factors = arrays["rope_freqs.weight"]
+    pairs = TINY_LLAMA["hidden_size"] // TINY_LLAMA["num_attention_heads"] // 2
+    assert types["rope_freqs.weight"] == "F32" and factors.shape == (pairs,)
+    assert np.allclose(factors, default / scaled, rtol=1e-5, atol=0)  # llama.cpp divides theta_i by factor_i
+    # the model exercises all three bands: kept (1), interpolated (between) and slowed by `factor` (8)
+    assert (factors == 1).any() and (factors == LLAMA3_ROPE["factor"]).any()
+    assert ((factors > 1) & (factors < LLAMA3_ROPE["factor"])).any()
+    # as llama.cpp's converter: the tensor only, no rope-scaling keys
+    assert not [name for name in reader.fields if "rope.scaling" in name]
+    assert reader.fields["llama.rope.freq_base"].contents() == LLAMA3_ROPE["rope_theta"]
+
+
+@pytest.mark.parametrize(
+    "rope_parameters",
+    [
+        {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+        {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0, "original_max_position_embeddings": 64},
+    ],
+)
+def test_other_rope_scaling_is_refused_with_its_type(tiny_model_dir, tmp_path, rope_parameters):
+    scaled = with_rope(tiny_model_dir, tmp_path / "scaled", rope_parameters)
+    kind = rope_parameters["rope_type"]
+    named = re.escape(f"rope scaling {kind!r}") + r".*" + re.escape("only rope types 'default' and 'llama3'")
+    with pytest.raises(StageError, match=named):
+        write_gguf(scaled, tmp_path / "model.gguf", "f16", "tiny")
+    assert not (tmp_path / "model.gguf").exists()
+
+
+def llama_cpp_run(path, prompt: list[int], new_tokens: int):
+    """llama.cpp's greedy continuation of `prompt` with the GGUF at `path`: (new tokens, the logits at every
+    position of prompt + new tokens)."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=256, n_batch=256, logits_all=True, n_threads=2, verbose=False)
+    llm.eval(prompt)
+    generated = []
+    for _ in range(new_tokens):
+        generated.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval(generated[-1:])
+    logits = np.array(llm.scores[: llm.n_tokens], dtype=np.float64)
+    llm.close()
+    return generated, logits
+
+
+def test_llama_cpp_runs_the_llama3_scaled_gguf_as_transformers_does_past_the_original_context(llama31_dir, tmp_path):
+    pytest.importorskip("llama_cpp", reason=LLAMA_CPP_MISSING)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(llama31_dir)
+    prompt = tokenizer(" ".join(row["text"] for row in price_rows(12)))["input_ids"][:150]
+    original = LLAMA3_ROPE["original_max_position_embeddings"]
+    assert len(prompt) > 2 * original
+    model = AutoModelForCausalLM.from_pretrained(llama31_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        sequence = model.generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=False)[0]
+        expected = model(sequence[None]).logits[0].double().numpy()
+    out = tmp_path / "model-f16.gguf"
+    write_gguf(llama31_dir, out, "f16", "tiny-3.1")
+    generated, logits = llama_cpp_run(out, prompt, 4)
+    assert generated == sequence[len(prompt) :].tolist()
+    difference = np.abs(logits - expected)
+    print(
+        f"max |llama.cpp - transformers| logit: {difference.max():.4g} (past position {original}: "
+        f"{difference[original:].max():.4g}; logits up to {np.abs(expected).max():.3g})"
+    )
+    assert difference.max() < 0.05
+    # the same weights exported as if unscaled: llama.cpp then rotates with the default frequencies, and past
+    # the original context it no longer computes what transformers does
+    unscaled = with_rope(llama31_dir, tmp_path / "unscaled", {"rope_type": "default", "rope_theta": 10000.0})
+    write_gguf(unscaled, tmp_path / "unscaled.gguf", "f16", "tiny-3.1")
+    _, wrong = llama_cpp_run(tmp_path / "unscaled.gguf", sequence.tolist(), 0)
+    past = np.abs(wrong - expected)[original:]
+    print(f"without rope_freqs: max difference past position {original}: {past.max():.4g}")
+    assert past.max() > 20 * difference.max() and past.max() > 0.5
+    assert (wrong[original:].argmax(-1) != expected[original:].argmax(-1)).any()
 
 
 def test_the_modelfile_carries_the_prompt_greedy_decoding_and_the_stop():
