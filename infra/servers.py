@@ -3,10 +3,10 @@ tracking server (on PostgreSQL or SQLite, artifacts proxied through it) and a Pr
 its default SQLite). The tests and benchmarks start them for themselves; people start all three with
 `make servers` (`python -m infra.servers`), which prints the variables to export (docs/operations.md).
 
-    with postgres_server(Path("/tmp/pg")) as postgres:
-        with mlflow_server(Path("/tmp/mlflow"), env, postgres.url("mlflow")) as tracking_uri:
+    with postgres_server(Path(".servers/postgres")) as postgres:
+        with mlflow_server(Path(".servers/mlflow"), env, postgres.url("mlflow")) as tracking_uri:
             ...  # MLFLOW_TRACKING_URI=tracking_uri
-        with prefect_server(Path("/tmp/prefect-home"), env, postgres.url("prefect", "postgresql+asyncpg")) as api:
+        with prefect_server(Path(".servers/prefect"), env, postgres.url("prefect", "postgresql+asyncpg")) as api:
             ...  # PREFECT_API_URL=api
 """
 
