@@ -2,7 +2,8 @@
 apply the promotion gate once, to the best.
 
 1. Plan the trials (sweeps/plan.py): every key and value is checked before anything starts; a bad one stops
-   the sweep with a message naming it.
+   the sweep with a message naming it. Notes say when a trial is the params' own run again, or when the trials
+   train on another budget than the params.
 2. Open the sweep's parent MLflow run and hand each trial, `dvc exp run --name <sweep>-NN -S ...`, to the
    backend of `sweep.backend`. `local` (sweeps/queue.py): DVC's queue on this machine, `sweep.jobs` workers,
    each running one trial at a time in its own temporary workspace with cores / jobs torch threads. `prefect`
@@ -15,8 +16,9 @@ apply the promotion gate once, to the best.
    challenger, stages/tracking/registry.py); with `sweep.register: all` the other trials get versions without
    an alias.
 5. The report (sweeps/report.py): trials sorted by the metric, mean ± spread over seeds, minutes per trial,
-   the decision, and a chart of the metric against each swept key; printed, published as the Prefect
-   artifact `sweep-report`, logged on the parent run and written to reports/sweeps/<sweep>/.
+   a note when trials trained on other budgets than each other or less than the champion, the decision, and
+   a chart of the metric against each swept key; printed, published as the Prefect artifact `sweep-report`,
+   logged on the parent run and written to reports/sweeps/<sweep>/.
 
 Run: `make sweep` or `python -m flows.sweep [--jobs N]` from a git checkout with a commit (DVC experiments
 start from one). `dvc exp show` then lists every trial; `dvc exp apply <name>` adopts one.
@@ -49,7 +51,7 @@ from stages.tracking.gate import Gate
 from stages.tracking.names import SWEEP, TIMING, metric_name
 from stages.tracking.runs import log_metrics
 from stages.tracking.store import client_for, is_server, require_server, shown_uri, tracking_uri
-from sweeps.plan import Trial, plan_trials
+from sweeps.plan import Trial, plan_notes, plan_trials
 from sweeps.queue import SUCCESS, LocalQueue, Watch
 from sweeps.report import closing_section, ranked, report_markdown, sweep_chart
 from sweeps.tracking import gate_best, outcomes_of, register_others, save_view, start_parent_run
@@ -175,6 +177,8 @@ def sweep(project_dir: str = str(PROJECT_ROOT), jobs: int | None = None) -> dict
             client.set_terminated(parent, status="FAILED")
             raise
         print(f"{sweep_id}: {len(trials)} trials, as {backend.where()}")
+        for note in plan_notes(params, trials):
+            print(f"note: {note}")
         if not lock_committed(paths.root):
             print(
                 "note: dvc.lock is not committed, so every trial re-runs every stage from scratch; commit it "
@@ -213,7 +217,7 @@ def conclude(client, paths: Paths, params: Params, sweep, trials, watch: Watch, 
     saved = f"The comparison, saved in the experiment ({gate.metric} against the swept params): {view}"
     where = f"{mlflow_hint(uri, parent, experiment)}\n\n{saved}"
     closing = closing_section(decision, registered, wall, backend.where(), where)
-    markdown = report_markdown(sweep_id, outcomes, gate, params.data.shape, closing)
+    markdown = report_markdown(sweep_id, outcomes, gate, params.data.shape, closing, (decision or {}).get("trained"))
     folder = publish(client, paths, parent, sweep_id, markdown, outcomes, gate)
     summary = {
         metric_name(TIMING, "sweep_seconds"): wall,

@@ -6,7 +6,9 @@ trials: a grid's every combination (or, with `method: random`, `trials` of them 
 each repeated over `seeds`, with `fixed` set in all. Each key must be a `section.key` a stage reads, and each
 trial's params must load as a run's would: a bad key, a value of the wrong type or out of range, or a budget
 the grid does not fit raises ConfigError naming the key (`sweep.grid.train.learning_rate[1]: ...`).
-Run: `python -m sweeps.plan` prints the trials of ./params.yaml.
+`plan_notes(params, trials)` says what is worth knowing before they run: a trial that is the params' own run
+again, and trials that train on another budget than the params (and so than a champion the params trained).
+Run: `python -m sweeps.plan` prints the trials of ./params.yaml and those notes.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ from typing import NamedTuple
 
 import yaml
 
-from stages.common.config import Params, params_from_dict
+from stages.common.config import Params, params_by_key, params_from_dict
 from stages.common.errors import ConfigError
 
 # Sections no stage's result depends on: sweeping them would make trials that differ in nothing they learn.
 NOT_SWEPT = ("tracking", "flow", "sweep")
 SEED_KEY = "train.seed"
+BUDGET_KEYS = ("train.max_steps", "train.epochs", "data.n_train")  # how long a trial trains, and on how many rows
 
 
 class Trial(NamedTuple):
@@ -128,13 +131,42 @@ def plan_trials(raw: dict, params: Params, sweep_id: str) -> list[Trial]:
     return trials
 
 
+def plan_notes(params: Params, trials: list[Trial]) -> list[str]:
+    """Notes on the planned `trials` of `params`: trials that set only values the params already hold (the
+    params' own run again: DVC restores it from its run cache when it ran, and its results equal that run's,
+    so it never beats a champion that run made), and budget keys (BUDGET_KEYS) the trials set to other values
+    than the params' (a trial that trains less than the champion starts behind it at the gate)."""
+    current = params_by_key(params)
+    notes = []
+    same = [t.name for t in trials if all(current.get(key) == value for key, value in t.overrides.items())]
+    if same:
+        notes.append(
+            f"{', '.join(same)} only set{'s' if len(same) == 1 else ''} values the params already hold: the params' "
+            "own run again (DVC restores it when that run is in its cache), equal to it and never promoted over a "
+            "champion it made"
+        )
+    changed = [
+        key for key in BUDGET_KEYS if any(key in t.overrides and t.overrides[key] != current.get(key) for t in trials)
+    ]
+    if changed:
+        notes.append(
+            f"the trials set {', '.join(changed)} to other values than the params: a trial that trains less than "
+            "the champion starts behind it at the gate, whose reason then says so"
+        )
+    return notes
+
+
 def main() -> int:
     from stages.common.config import load_params
 
     with open("params.yaml", encoding="utf-8") as handle:
         raw = yaml.safe_load(handle)
-    for trial in plan_trials(raw, load_params("params.yaml"), "sweep"):
+    params = load_params("params.yaml")
+    trials = plan_trials(raw, params, "sweep")
+    for trial in trials:
         print(trial.name, " ".join(trial.dvc_arguments()))
+    for note in plan_notes(params, trials):
+        print(f"note: {note}")
     return 0
 
 

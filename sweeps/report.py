@@ -1,5 +1,6 @@
 """A sweep's report: its trials sorted by the primary metric, mean and spread over repeated seeds, the time each
-took, failures with their last lines, and a chart of the primary metric against each swept key.
+took, a note when trials trained on other budgets than each other or less than the champion, failures with
+their last lines, and a chart of the primary metric against each swept key.
 
 `Outcome` is one trial as it ended (state, minutes, its child MLflow run's metrics); `report_markdown` and
 `sweep_chart` turn a list of them into what flows/sweep.py prints, logs on the sweep's parent MLflow run and
@@ -15,7 +16,7 @@ from pathlib import Path
 from stages.common.charts import pyplot, save
 from stages.common.config import PRIMARY_METRICS
 from stages.common.report import promotion_markdown
-from stages.tracking.gate import Gate
+from stages.tracking.gate import Budget, Gate
 from sweeps.plan import Trial, yaml_value
 from sweeps.queue import SUCCESS
 
@@ -32,6 +33,7 @@ class Outcome:
     metrics: dict | None = None  # {metric name: value} of the adapter on the test set
     failure: str = ""
     reused_from: str | None = None  # the run whose outputs DVC restored from its run cache for this trial
+    budget: Budget | None = None  # how much its adapter trained (steps, tokens), from its run's train metrics
 
     def value(self, metric: str) -> float | None:
         return (self.metrics or {}).get(metric) if self.state == SUCCESS else None
@@ -108,14 +110,58 @@ def seeds_table(outcomes: list[Outcome], gate: Gate) -> str:
     return "\n".join(lines)
 
 
+def budget_words(budget: Budget) -> str:
+    """A budget in words: "60 steps (9,000 tokens)", or as much of it as is known."""
+    steps = f"{budget.steps:,} steps" if budget.steps is not None else ""
+    tokens = f"{budget.tokens:,} tokens" if budget.tokens is not None else ""
+    return f"{steps} ({tokens})" if steps and tokens else steps or tokens or "an unknown budget"
+
+
+def budget_note(outcomes: list[Outcome], trained: dict | None) -> str:
+    """What makes a budget mismatch visible: successful trials that trained on different budgets from each other,
+    and those that trained less than the champion the gate compared the best with (`trained`, the gate's record
+    of both budgets); "" when there is none, or nothing recorded the budgets."""
+    known = [(o, o.budget) for o in outcomes if o.state == SUCCESS and o.budget is not None]
+    if not known:
+        return ""
+    notes = []
+    if len({budget for _, budget in known}) > 1:
+        each = ", ".join(f"{o.trial.name} {budget_words(budget)}" for o, budget in known)
+        notes.append(
+            f"**The trials trained on different budgets**: {each}. Their metrics differ by how long they trained as "
+            "well as by the values they tried."
+        )
+    champion = (trained or {}).get("champion")
+    if champion:
+        theirs = Budget(**champion)
+        short = [(o, budget) for o, budget in known if budget.less_than(theirs)]
+        if short:
+            shapes = {budget for _, budget in short}
+            each = (
+                f"each {budget_words(short[0][1])}"
+                if len(shapes) == 1
+                else ", ".join(f"{o.trial.name} {budget_words(budget)}" for o, budget in short)
+            )
+            notes.append(
+                f"**{len(short)} of {len(known)} trials trained less than {trained['against']}**, which trained "
+                f"{budget_words(theirs)}: {each}. The gate compares the best trial with the champion as they are, "
+                "so a trial that trained less starts behind. The trials train on the params' own budget unless "
+                "`sweep.fixed` or the grid sets `train.max_steps`, `train.epochs` or `data.n_train`."
+            )
+    return "\n\n".join(notes)
+
+
 def failures(outcomes: list[Outcome]) -> str:
     failed = [o for o in outcomes if o.state != SUCCESS]
     return "\n\n".join(f"**{o.trial.name}** ({o.trial.label()}) failed:\n\n```\n{o.failure}\n```" for o in failed)
 
 
-def report_markdown(sweep_id: str, outcomes: list[Outcome], gate: Gate, shape: str, extra: str) -> str:
-    """The sweep's report: its trials table, the seed summary when seeds repeat, failures, then `extra`
-    (the gate's decision, timings, where the runs are)."""
+def report_markdown(
+    sweep_id: str, outcomes: list[Outcome], gate: Gate, shape: str, extra: str, trained: dict | None = None
+) -> str:
+    """The sweep's report: its trials table, a note on budgets that differ (between trials, or against the
+    champion of the gate's record `trained`), the seed summary when seeds repeat, failures, then `extra` (the
+    gate's decision, timings, where the runs are)."""
     succeeded = sum(o.state == SUCCESS for o in outcomes)
     arrow = "higher" if gate.greater_is_better else "lower"
     parts = [
@@ -123,6 +169,7 @@ def report_markdown(sweep_id: str, outcomes: list[Outcome], gate: Gate, shape: s
         f"{succeeded} of {len(outcomes)} trials succeeded; sorted by {gate.metric} on the test set ({arrow} is "
         "better). Each trial is a DVC experiment named in the table (`dvc exp show`, `dvc exp apply <name>`).",
         trials_table(outcomes, gate, shape),
+        budget_note(outcomes, trained),
         seeds_table(outcomes, gate),
         failures(outcomes),
         extra,

@@ -22,6 +22,7 @@ from stages.tracking.registry import (
     adapter_sha256,
     create_version,
     find_version,
+    logged_budget,
     logged_rows,
     logged_test_set,
     register_adapter,
@@ -75,7 +76,8 @@ def outcomes_of(client, experiment: str, sweep: tuple[str, str], trials: list[Tr
             failure = failure_of(trial.name)
             outcomes.append(Outcome(trial, state, *timing, run.info.run_id if run else None, failure=failure))
         else:
-            outcomes.append(Outcome(trial, state, *timing, run.info.run_id, adapter_test_metrics(run.data.metrics)))
+            metrics = adapter_test_metrics(run.data.metrics)
+            outcomes.append(Outcome(trial, state, *timing, run.info.run_id, metrics, budget=logged_budget(run)))
     return outcomes
 
 
@@ -104,7 +106,10 @@ def reused_outcome(client, experiment: str, sweep: tuple[str, str], trial: Trial
         client.log_param(child.info.run_id, key, value)
     client.set_terminated(child.info.run_id, status="FINISHED")
     metrics = adapter_test_metrics(original.data.metrics)
-    return Outcome(trial, SUCCESS, *timing, original.info.run_id, metrics, reused_from=original.info.run_id)
+    return Outcome(
+        trial, SUCCESS, *timing, original.info.run_id, metrics, reused_from=original.info.run_id,
+        budget=logged_budget(original),
+    )  # fmt: skip
 
 
 def downloaded_adapter(client, run_id: str, folder: str) -> Path:

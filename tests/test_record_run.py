@@ -176,3 +176,20 @@ def test_a_failing_live_stream_does_not_print_the_password(capsys, monkeypatch):
     stream.text(1, "sample")
     printed = capsys.readouterr().out
     assert "warning: MLflow logging" in printed and "http://ml:***@127.0.0.1:9/" in printed and "s3cret" not in printed
+
+
+def test_a_retrain_that_trained_less_than_the_champion_says_so_in_the_record(finished_project):
+    """train_qlora's metrics/train.json is logged on the run (train/steps, train/tokens_seen) and read back from
+    the champion's run by the next record_run's gate."""
+    paths = finished_project
+    paths.train_metrics.write_text(json.dumps({"steps": 150, "tokens_seen": 22500, "stopped_early": False}))
+    assert record_run.main([]) == 0
+    paths.train_metrics.write_text(json.dumps({"steps": 60, "tokens_seen": 9000, "stopped_early": False}))
+    (paths.adapter / "adapter_model.safetensors").write_bytes(b"other weights")
+    assert record_run.main([]) == 0
+    record = json.loads(paths.run_record.read_text())
+    assert record["version"] == "2" and record["alias"] == "challenger"  # the same results: not better
+    assert record["reason"].endswith(
+        "; the candidate trained 60 steps (9,000 tokens) against champion v1's 150 (22,500)"
+    )
+    assert record["trained"]["champion"] == {"steps": 150, "tokens": 22500}

@@ -21,6 +21,8 @@ membership rule changed) the registry re-scores the champion from its logged mod
 the champion (or, with none yet, the base model zero-shot) and returns a `Decision` whose `reason` says the
 improvement, its interval, which items were compared and how, and the confidence in words ("avg_error 95.2
 vs 120.1 for champion v3: better by $25 [-$12, $61] on the 212 items both were scored on: not shown at 95%").
+A candidate that trained on less than the champion (fewer optimizer steps or tokens: a short sweep trial) is
+judged by the same rule, but its reason says so (`trained_less`), since that alone can make it lose.
 """
 
 from __future__ import annotations
@@ -311,6 +313,24 @@ class Decision:
 
 
 @dataclass(frozen=True)
+class Budget:
+    """How much a model trained: its optimizer steps and the tokens it saw (train_qlora's metrics/train.json
+    `steps` and `tokens_seen`, logged on its run); None where its run does not say (recorded before, or a
+    stage that did not train)."""
+
+    steps: int | None = None
+    tokens: int | None = None
+
+    def record(self) -> dict:
+        return {"steps": self.steps, "tokens": self.tokens}
+
+    def less_than(self, other: Budget) -> bool:
+        """Whether this is fewer steps or fewer tokens than `other`, on what both say."""
+        pairs = ((self.steps, other.steps), (self.tokens, other.tokens))
+        return any(mine is not None and theirs is not None and mine < theirs for mine, theirs in pairs)
+
+
+@dataclass(frozen=True)
 class Champion:
     """The version holding the `champion` alias: its number, what it was scored and trained on, and its
     per-item results (None when they could not be had, with `missing` saying why): those logged with it, or,
@@ -323,6 +343,7 @@ class Champion:
     label: str = ""  # how the reason names it; default "champion v<version>"
     rescored: bool = False
     run_id: str = ""  # the run that recorded it (where its adapter is logged)
+    budget: Budget | None = None  # how much it trained; None when its run does not say
 
     @property
     def name(self) -> str:
@@ -352,6 +373,27 @@ def verdict(gate: Gate, c: Comparison) -> tuple[bool, str]:
             f"tracking.min_improvement={gate.amount(gate.min_improvement)}"
         )
     return False, f"{said}: not shown at {level}"
+
+
+def trained_less(candidate: Budget | None, champion: Champion | None) -> str:
+    """A clause for the reason when the candidate trained on less than the champion, fewer optimizer steps or
+    fewer tokens ("; the candidate trained 60 steps (9,000 tokens) against champion v3's 150 (22,500)"), which
+    alone can make it lose; "" when it trained as much or more, or when either budget is unknown (a champion
+    recorded before runs logged it)."""
+    if candidate is None or champion is None or champion.budget is None or not candidate.less_than(champion.budget):
+        return ""
+    mine, theirs = candidate, champion.budget
+    steps = mine.steps is not None and theirs.steps is not None
+    tokens = mine.tokens is not None and theirs.tokens is not None
+    whose = f"{champion.name}'s"
+    if steps and tokens:
+        return (
+            f"; the candidate trained {mine.steps:,} steps ({mine.tokens:,} tokens) against {whose} "
+            f"{theirs.steps:,} ({theirs.tokens:,})"
+        )
+    if steps:
+        return f"; the candidate trained {mine.steps:,} steps against {whose} {theirs.steps:,}"
+    return f"; the candidate trained on {mine.tokens:,} tokens against {whose} {theirs.tokens:,}"
 
 
 def compared_keys(gate: Gate, candidate: Items, champion: Champion, test: Provenance) -> tuple[list[str] | None, str]:

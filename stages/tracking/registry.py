@@ -3,8 +3,10 @@
 `register_adapter(client, ...)` registers the adapter logged in a run (or finds the version that already holds
 the same adapter bytes), fetches the current champion's per-item results, applies the rule in
 stages/tracking/gate.py, moves or keeps the aliases, and tags version and run with the decision in words and
-numbers. Every version carries its per-item test results (the run's `eval/predictions.jsonl`, named by the
-`eval.per_item` tag), so a later candidate is compared with it item by item, by key, without re-running it.
+numbers; when the candidate trained on less than the champion (its run's train/steps and train/tokens_seen
+against the champion's), the reason ends with both budgets. Every version carries its per-item test results
+(the run's `eval/predictions.jsonl`, named by the `eval.per_item` tag), so a later candidate is compared with
+it item by item, by key, without re-running it.
 A champion whose logged results cover too few of the current test items (the test set grew, or its
 membership rule changed), or that was registered without usable per-item results, is re-scored on the
 current test split from its logged model when the caller can (`rescore`); otherwise the gate says it cannot
@@ -27,7 +29,18 @@ from pathlib import Path
 
 from stages.common.errors import StageError
 from stages.common.paths import Paths
-from stages.tracking.gate import Champion, Decision, Gate, Items, Provenance, decide, metric_interval, needs_rescore
+from stages.tracking.gate import (
+    Budget,
+    Champion,
+    Decision,
+    Gate,
+    Items,
+    Provenance,
+    decide,
+    metric_interval,
+    needs_rescore,
+    trained_less,
+)
 
 TEST_HASH_TAG = "data.test_sha256"
 ADAPTER_HASH_TAG = "adapter.sha256"
@@ -41,6 +54,9 @@ TRAINED_ON_ARTIFACT = "data/trained_on.txt"
 CHAMPION_AFTER_TAG = "registry.champion_after"  # the version holding `champion` once this run's gate decided
 PRIMARY_METRIC_PREFIX = "promotion/primary_"  # + value, low, high: the candidate's primary metric, its interval
 PRIMARY_METRIC_TAG = "promotion.primary_metric"  # which metric those are
+# How much a run's adapter trained: train_qlora's metrics/train.json as record_run logs it (the second name is how
+# runs recorded before the metric sections named it).
+BUDGET_METRICS = {"steps": ("train/steps", "train.steps"), "tokens": ("train/tokens_seen", "train.tokens_seen")}
 
 # Re-scores a champion on this workspace's test split: (run id of its version) -> prediction rows, or None
 # when the base model or the test split is not at hand; StageError when it cannot be scored here.
@@ -110,14 +126,31 @@ def logged_test_set(client, run) -> Provenance:
     return Provenance(tags.get(TEST_HASH_TAG), tags.get(MEMBERSHIP_TAG), trained_on)
 
 
+def logged_budget(run) -> Budget | None:
+    """How much `run`'s adapter trained (optimizer steps, tokens seen), from its logged train metrics; None when
+    it logged neither (a run recorded before them)."""
+    metrics = run.data.metrics
+
+    def first(names: tuple[str, ...]) -> int | None:
+        found = [metrics[name] for name in names if name in metrics]
+        return int(found[0]) if found else None
+
+    budget = Budget(**{field: first(names) for field, names in BUDGET_METRICS.items()})
+    return None if budget.steps is None and budget.tokens is None else budget
+
+
 def current_champion(client, model_name: str, metric: str) -> Champion | None:
-    """The version holding `champion`: what it was scored and trained on and its logged per-item results."""
+    """The version holding `champion`: what it was scored and trained on, how much it trained, and its logged
+    per-item results."""
     found = champion_run(client, model_name)
     if found is None:
         return None
     version, run = found
     items, missing = champion_items(logged_rows(client, run), metric)
-    return Champion(str(version.version), logged_test_set(client, run), items, missing, run_id=run.info.run_id)
+    return Champion(
+        str(version.version), logged_test_set(client, run), items, missing, run_id=run.info.run_id,
+        budget=logged_budget(run),
+    )  # fmt: skip
 
 
 def rescored(champion: Champion, why: str, metric: str, rescore: Rescore) -> Champion:
@@ -196,7 +229,9 @@ def register_adapter(
     The version's source is `model` (the LoggedModel record_run logged: its artifacts, and its id), or
     without one the run's `adapter` folder. Returns a record: version, new_version (False when these adapter
     bytes were registered before), alias, promoted, reason, the comparison's numbers (None when nothing could
-    be compared) and the candidate's primary metric with its interval.
+    be compared), the candidate's primary metric with its interval, and how much the candidate and the
+    champion it met trained (`trained`: steps and tokens, None where unknown; the reason says when the
+    candidate trained less).
     """
     from mlflow.exceptions import MlflowException
 
@@ -235,6 +270,8 @@ def register_adapter(
     decision = decide(gate, candidate, champion, base_items(rows), test)
     if champion is not None and champion.missing and champion.missing not in decision.reason:
         decision = replace(decision, reason=f"{decision.reason} ({champion.missing})")  # why it was not re-scored
+    budget = logged_budget(client.get_run(run_id))
+    decision = replace(decision, reason=decision.reason + trained_less(budget, champion))
     version = create_version(
         client, cfg.registered_model, run_id, sha256, test.sha256, model, decision_tags(decision), decision.reason
     )
@@ -258,6 +295,11 @@ def register_adapter(
         "comparison": decision.comparison.record() if decision.comparison else None,
         "champion_after": after,
         "primary": {"metric": gate.metric, **primary} if primary else None,
+        "trained": {
+            "candidate": budget.record() if budget else None,
+            "champion": champion.budget.record() if champion and champion.budget else None,
+            "against": champion.name if champion else None,
+        },
     }
 
 

@@ -9,7 +9,7 @@ import yaml
 
 from stages.common.config import params_from_dict
 from stages.common.errors import ConfigError
-from sweeps.plan import Trial, plan_trials, yaml_value
+from sweeps.plan import Trial, plan_notes, plan_trials, yaml_value
 from tests.conftest import REPO_ROOT
 
 RAW = yaml.safe_load((REPO_ROOT / "params.yaml").read_text(encoding="utf-8"))
@@ -22,16 +22,47 @@ def plan(**sweep) -> list[Trial]:
 
 
 def test_the_default_grid_is_every_combination_with_the_fixed_values():
-    trials = plan()
+    trials = plan(fixed={"train.max_steps": 60})
     assert [t.name for t in trials] == ["sw-01", "sw-02", "sw-03", "sw-04"]
     assert [(t.overrides["train.learning_rate"], t.overrides["lora.r"]) for t in trials] == [
-        (3e-4, 8), (3e-4, 32), (1e-3, 8), (1e-3, 32),
+        (1e-3, 8), (1e-3, 16), (2e-3, 8), (2e-3, 16),
     ]  # fmt: skip
     assert all(t.overrides["train.max_steps"] == 60 for t in trials)
-    assert trials[0].label() == "learning_rate=0.0003 r=8"
+    assert trials[0].label() == "learning_rate=0.001 r=8"
     assert trials[0].dvc_arguments() == [
-        "-S", "train.learning_rate=0.0003", "-S", "lora.r=8", "-S", "train.max_steps=60",
+        "-S", "train.learning_rate=0.001", "-S", "lora.r=8", "-S", "train.max_steps=60",
     ]  # fmt: skip
+
+
+def test_the_default_sweep_trains_on_the_params_budget_and_never_repeats_the_params():
+    """Its trials are compared with a champion trained on the params' own budget (`make demo`'s): they train as
+    long, and none is that run again (DVC would restore it: the champion's own results, never promoted)."""
+    params = params_from_dict(RAW)
+    trials = plan_trials(RAW, params, "sw")
+    assert RAW["sweep"]["fixed"] == {} and all(set(t.overrides) == set(t.swept) for t in trials)
+    assert (params.train.learning_rate, params.lora.r) not in [tuple(t.overrides.values()) for t in trials]
+    assert plan_notes(params, trials) == []
+
+
+def notes(**sweep) -> list[str]:
+    raw = copy.deepcopy(RAW)
+    raw["sweep"].update(sweep)
+    params = params_from_dict(raw)
+    return plan_notes(params, plan_trials(raw, params, "sw"))
+
+
+def test_a_trial_that_is_the_params_own_run_again_is_noted():
+    (note,) = notes(grid={"train.learning_rate": [1e-3, 2e-3]})  # the first is the params' value (r is too)
+    assert note.startswith("sw-01 only sets values the params already hold: the params' own run again")
+    assert notes(grid={"train.learning_rate": [1e-3], "lora.r": [16, 32]})[0].startswith("sw-02 only sets")
+
+
+def test_trials_that_train_on_another_budget_than_the_params_are_noted():
+    (note,) = notes(fixed={"train.max_steps": 60})
+    assert note.startswith("the trials set train.max_steps to other values than the params: a trial that trains")
+    (both,) = notes(grid={"data.n_train": [300, 1200], "train.epochs": [1.0, 2.0]})
+    assert "set train.epochs, data.n_train to other values" in both
+    assert notes(fixed={"train.max_steps": -1}) == []  # the params' own value
 
 
 def test_seeds_repeat_every_combination_and_become_a_swept_key():

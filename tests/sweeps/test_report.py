@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from PIL import Image
 
-from stages.tracking.gate import Gate
+from stages.tracking.gate import Budget, Gate
 from sweeps.plan import Trial
-from sweeps.report import Outcome, ranked, report_markdown, seeds_table, sweep_chart
+from sweeps.report import Outcome, budget_note, ranked, report_markdown, seeds_table, sweep_chart
 
 GATE = Gate("avg_error", greater_is_better=False)
 SWEPT = ("lora.r", "train.seed")
@@ -52,3 +54,37 @@ def test_the_chart_has_one_panel_per_swept_key(tmp_path):
     sweep_chart(OUTCOMES, GATE, path)
     width, height = Image.open(path).size
     assert width > 1.5 * height  # two panels side by side
+
+
+SHORT, FULL = Budget(60, 9_000), Budget(150, 22_500)
+GATED = {"candidate": SHORT.record(), "champion": FULL.record(), "against": "champion v1"}  # the gate's record
+
+
+def budgets(*each: Budget | None) -> list[Outcome]:
+    return [replace(o, budget=b) for o, b in zip(OUTCOMES, each, strict=True)]
+
+
+def test_trials_that_trained_less_than_the_champion_are_named_in_the_report():
+    markdown = report_markdown("sw", budgets(SHORT, SHORT, SHORT, None), GATE, "price", "decided", GATED)
+    assert (
+        "**3 of 3 trials trained less than champion v1**, which trained 150 steps (22,500 tokens): each 60 steps"
+        in (markdown)
+    )
+    assert markdown.index("trained less") < markdown.index("decided")
+    mixed = budget_note(budgets(SHORT, FULL, Budget(100, 15_000), None), GATED)
+    assert "**2 of 3 trials trained less than champion v1**" in mixed
+    assert "t1 60 steps (9,000 tokens), t3 100 steps (15,000 tokens)." in mixed
+    assert "**The trials trained on different budgets**: t1 60 steps (9,000 tokens), t2 150 steps" in mixed
+
+
+def test_trials_that_trained_more_than_the_champion_are_not_said_to_train_less():
+    longer = budget_note(budgets(Budget(300, 45_000), FULL, FULL, None), GATED)
+    assert "trained less" not in longer and "**The trials trained on different budgets**" in longer
+
+
+def test_nothing_is_said_when_the_budgets_match_or_are_unknown():
+    assert budget_note(budgets(FULL, FULL, FULL, None), GATED) == ""  # as much as the champion
+    assert budget_note(budgets(SHORT, SHORT, SHORT, None), {**GATED, "champion": None}) == ""  # an old champion
+    assert budget_note(budgets(SHORT, SHORT, SHORT, None), None) == ""  # no gate record (nothing registered)
+    assert budget_note(OUTCOMES, GATED) == ""  # runs that logged no budget
+    assert "trained less" not in report_markdown("sw", OUTCOMES, GATE, "price", "decided")

@@ -13,6 +13,7 @@ from stages.tracking.gate import (
     CHALLENGER,
     CHAMPION,
     METRICS,
+    Budget,
     Champion,
     Gate,
     Items,
@@ -21,6 +22,7 @@ from stages.tracking.gate import (
     metric_interval,
     metric_on,
     needs_rescore,
+    trained_less,
 )
 
 TEST_SET = "a" * 64
@@ -237,3 +239,42 @@ def test_items_are_read_from_the_rows_evaluation_writes():
     text_rows = [{"prompt": "p", "adapter_loss": 1.0, "adapter_exact": True}]  # no completion_tokens: old rows
     with pytest.raises(KeyError, match="completion_tokens"):
         Items.from_rows(text_rows, "adapter")
+
+
+CHAMPION_BUDGET = Budget(steps=150, tokens=22_500)  # what `make demo`'s champion trained
+
+
+def trained(budget: Budget | None) -> Champion:
+    """Champion v3 that trained `budget` (None: a version whose run did not log it)."""
+    return Champion("3", CURRENT, None, budget=budget)
+
+
+def test_a_candidate_that_trained_less_is_said_to_with_both_budgets():
+    clause = trained_less(Budget(60, 9_000), trained(CHAMPION_BUDGET))
+    assert clause == "; the candidate trained 60 steps (9,000 tokens) against champion v3's 150 (22,500)"
+    fewer_tokens = trained_less(Budget(150, 20_000), trained(CHAMPION_BUDGET))  # as many steps, fewer tokens
+    assert fewer_tokens == "; the candidate trained 150 steps (20,000 tokens) against champion v3's 150 (22,500)"
+    labelled = Champion("3", CURRENT, None, label="the champion", budget=CHAMPION_BUDGET)
+    assert "against the champion's 150 (22,500)" in trained_less(Budget(60, 9_000), labelled)
+
+
+def test_the_same_or_a_larger_budget_says_nothing():
+    assert trained_less(CHAMPION_BUDGET, trained(CHAMPION_BUDGET)) == ""
+    assert trained_less(Budget(300, 45_000), trained(CHAMPION_BUDGET)) == ""
+
+
+def test_an_unknown_budget_says_nothing():
+    assert trained_less(Budget(60, 9_000), trained(None)) == ""  # an old version: its run did not log it
+    assert trained_less(Budget(60, 9_000), None) == ""  # no champion: the base model zero-shot is the bar
+    assert trained_less(None, trained(CHAMPION_BUDGET)) == ""
+    assert trained_less(Budget(), trained(CHAMPION_BUDGET)) == ""
+
+
+def test_only_what_both_runs_logged_is_compared():
+    assert trained_less(Budget(60, None), trained(CHAMPION_BUDGET)) == (
+        "; the candidate trained 60 steps against champion v3's 150"
+    )
+    assert trained_less(Budget(None, 9_000), trained(Budget(150, 22_500))) == (
+        "; the candidate trained on 9,000 tokens against champion v3's 22,500"
+    )
+    assert trained_less(Budget(60, 30_000), trained(Budget(None, 22_500))) == ""  # more tokens; steps unknown

@@ -47,16 +47,19 @@ def store(tmp_path):
 
 def logged_run(
     store, weights: bytes, prediction_rows: list[dict] | None, test_sha256: str, where=PER_ITEM_ARTIFACT,
-    trained_on: tuple[str, ...] | None = (),
+    trained_on: tuple[str, ...] | None = (), train_metrics: dict[str, float] | None = None,
 ):  # fmt: skip
-    """A run holding an adapter folder, (unless None) its per-item rows at `where` and the digests of the rows
-    it trained on (None: a run recorded before runs listed them), as record_run leaves it."""
+    """A run holding an adapter folder, (unless None) its per-item rows at `where`, the digests of the rows
+    it trained on (None: a run recorded before runs listed them) and `train_metrics` ({"train/steps": 150}), as
+    record_run leaves it."""
     client, experiment, tmp_path = store
     folder = tmp_path / f"adapter-{weights.hex()}"
     folder.mkdir(exist_ok=True)
     (folder / "adapter_config.json").write_text(json.dumps({"r": 4}))
     (folder / "adapter_model.safetensors").write_bytes(weights)
     run_id = client.create_run(experiment, tags={TEST_HASH_TAG: test_sha256}).info.run_id
+    for name, value in (train_metrics or {}).items():
+        client.log_metric(run_id, name, value)
     client.log_artifacts(run_id, str(folder), "adapter")
     if prediction_rows is not None:
         client.log_text(run_id, "".join(json.dumps(r) + "\n" for r in prediction_rows), where)
@@ -70,9 +73,11 @@ def logged_run(
 
 def register(
     store, weights: bytes, error: float, test_sha256: str = TEST_SET, rescore=None, n: int = len(TRUTHS),
-    trained_on: tuple[str, ...] | None = (), **tracking,
+    trained_on: tuple[str, ...] | None = (), train_metrics: dict[str, float] | None = None, **tracking,
 ):  # fmt: skip
-    run_id, folder = logged_run(store, weights, rows(error, n=n), test_sha256, trained_on=trained_on)
+    run_id, folder = logged_run(
+        store, weights, rows(error, n=n), test_sha256, trained_on=trained_on, train_metrics=train_metrics
+    )
     cfg = TrackingConfig(registered_model=MODEL, **tracking)
     test = Provenance(test_sha256, "m", frozenset(trained_on) if trained_on is not None else None)
     return register_adapter(store[0], cfg, run_id, folder, "price", rows(error, n=n), test, rescore)
@@ -124,6 +129,44 @@ def test_the_same_adapter_bytes_are_not_registered_twice(store):
     assert again["new_version"] is False and again["version"] == "1"
     assert "same adapter as version 1 (champion)" in again["reason"]
     assert len(store[0].search_model_versions(f"name = '{MODEL}'")) == 1
+
+
+def steps(n: int, tokens: int, legacy: bool = False) -> dict[str, float]:
+    """A run's train metrics as record_run logs metrics/train.json (`legacy`: as runs before the sections did)."""
+    sep = "." if legacy else "/"
+    return {f"train{sep}steps": n, f"train{sep}tokens_seen": tokens}
+
+
+def test_a_candidate_that_trained_less_than_the_champion_is_said_to_wherever_the_reason_goes(store):
+    client = store[0]
+    register(store, b"one", 300.0, train_metrics=steps(150, 22_500))
+    short = register(store, b"two", 400.0, train_metrics=steps(60, 9_000))
+    clause = "; the candidate trained 60 steps (9,000 tokens) against champion v1's 150 (22,500)"
+    assert short["alias"] == CHALLENGER and short["reason"].endswith(f"not better{clause}")
+    assert short["trained"] == {
+        "candidate": {"steps": 60, "tokens": 9000}, "champion": {"steps": 150, "tokens": 22500},
+        "against": "champion v1",
+    }  # fmt: skip
+    version = client.get_model_version(MODEL, "2")
+    assert version.description == short["reason"] and version.tags["promotion.reason"] == short["reason"]
+    assert client.get_run(version.run_id).data.tags["promotion.reason"] == short["reason"]
+
+    same = register(store, b"three", 400.0, train_metrics=steps(150, 22_500))  # as much: nothing said
+    longer = register(store, b"four", 400.0, train_metrics=steps(300, 45_000))
+    assert "trained" not in same["reason"] and "trained" not in longer["reason"]
+
+
+def test_a_champion_whose_run_logged_no_budget_is_not_compared_by_budget(store):
+    register(store, b"one", 300.0)  # a run recorded without train metrics
+    short = register(store, b"two", 400.0, train_metrics=steps(60, 9_000))
+    assert "the candidate trained" not in short["reason"]
+    assert short["trained"]["champion"] is None and short["trained"]["candidate"] == {"steps": 60, "tokens": 9000}
+
+
+def test_a_champion_recorded_with_the_old_metric_names_has_its_budget_read(store):
+    register(store, b"one", 300.0, train_metrics=steps(150, 22_500, legacy=True))
+    short = register(store, b"two", 400.0, train_metrics=steps(60, 9_000))
+    assert "against champion v1's 150 (22,500)" in short["reason"]
 
 
 def test_a_champion_without_a_training_record_from_another_test_set_keeps_its_alias(store):
