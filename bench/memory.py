@@ -216,7 +216,8 @@ def measure(shape: str, mode: str, steps: int) -> dict:
     # The tokenizer and data come after the load: allocated before it, they kept memory that loading frees from
     # returning to the system (measured once), which would count as base memory.
     if shape == "base" or uses_tokenized_data(paths):
-        batches, source = tokenized_batches(paths, params, steps), str(paths.tokenized)
+        # Relative to the project, so that the results file names no folder of the machine it ran on.
+        batches, source = tokenized_batches(paths, params, steps), paths.tokenized.relative_to(paths.root).as_posix()
     else:
         batches, source = synthetic_batches(params, steps, SYNTHETIC_VOCAB), "synthetic token ids"
     torch.manual_seed(params.train.seed)  # the same adapter in both modes
