@@ -1,6 +1,6 @@
 # `make demo`: set up .venv and run the whole pipeline (Prefect flow -> DVC stages -> MLflow run).
-# `make test`: set up .venv and run lint, format check and the whole test suite (what CI runs).
-# `make test-fast`: lint and the unit tests only (no servers, flow runs, multi-process or benchmarks).
+# `make test`: set up .venv and run lint, format check, the dependency check and the whole test suite (what CI runs).
+# `make test-fast`: lint, the dependency check and the unit tests (no servers, flow runs, processes, benchmarks).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(abspath $(VENV)/bin)
@@ -177,7 +177,8 @@ MODEL_URI ?= models:/qlora-price-adapter@champion
 serve-champion: venv
 	$(RUN) MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(BIN)/python -m serving.champion $(if $(VERSION),--version $(VERSION))
 
-# Price a file with the champion: make predict INPUT=data/raw/new.csv OUTPUT=priced.csv [MODEL_URI=...]
+# Price a file with the champion: make predict INPUT=new.csv OUTPUT=priced.csv [MODEL_URI=...] (keep the file out
+# of data/raw/, which split_data reads)
 predict: venv
 	$(RUN) MLFLOW_TRACKING_URI=$(MLFLOW_TRACKING_URI) $(BIN)/python -m serving.predict \
 		--input $(INPUT) --output $(OUTPUT) --model $(MODEL_URI)

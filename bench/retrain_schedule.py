@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             "shares": shares,
             "shuffle_seed": SHUFFLE_SEED,
             "deliveries": results,
-            "history": history,
+            "history": history.replace(str(root), "<workspace>"),  # the scratch clone's path means nothing later
             "seconds": round(time.perf_counter() - started, 1),
             "machine": machine(),
         },

@@ -42,7 +42,7 @@ DELEGATED = {
         "flows.__main__",
         "Run the pipeline once (the retrain flow)",
         "Run the pipeline once: the Prefect retrain flow through every DVC stage that is out of date, then the "
-        "promotion gate and a report (reports/retrain.md).",
+        "promotion gate and a report (the Prefect artifact retrain-report).",
         "qlora-pipeline run",
         "make demo",
     ),

@@ -16,7 +16,7 @@ row whose text is empty keeps its place with no prediction and a `problem`; a fi
 lacks the input column, stops before the model loads. The output is written to a temporary file and renamed,
 so a failed run leaves nothing half-written and no earlier file lost.
 
-Run: `python -m serving.predict --input data/raw/new.csv --output predictions.csv` (or `make predict`).
+Run: `python -m serving.predict --input new.csv --output predictions.csv` (or `make predict`).
 """
 
 from __future__ import annotations
