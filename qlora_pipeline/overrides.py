@@ -12,22 +12,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
-from stages.common.config import Params, params_from_dict
+from stages.common.config import Params, params_from_dict, read_yaml
 from stages.common.errors import ConfigError
 from stages.common.io import atomic_path
 
 
 def read_overrides(path: Path) -> dict[str, dict]:
     """{section: {key: value}} of an override file; ConfigError naming the file and the entry that is not so."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: override file not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    raw = read_yaml(path, "override file not found")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected sections of params.yaml (section: {{key: value}}), got {raw!r}")
     for section, values in raw.items():
@@ -46,7 +38,7 @@ def merged(base: dict, overrides: dict[str, dict]) -> dict:
 
 def params_with(params_file: Path, override_file: Path) -> Params:
     """The params params.yaml would hold once the override file is applied, validated; nothing is written."""
-    base = yaml.safe_load(Path(params_file).read_text(encoding="utf-8")) or {}
+    base = read_yaml(params_file)
     overrides = read_overrides(override_file)
     try:
         return params_from_dict(merged(base, overrides))

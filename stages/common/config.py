@@ -514,15 +514,21 @@ def check_across_sections(params: Params) -> None:
         )
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate params.yaml; raise ConfigError with the file name on any problem."""
+def read_yaml(path: str | Path, missing: str = "parameters file not found (run from the project root)"):
+    """The parsed YAML file at `path` ({} when empty); ConfigError naming the file when it is not there
+    (`missing` says what it should have been) or is not YAML."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: parameters file not found (run from the project root)")
+        raise ConfigError(f"{path}: {missing}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; raise ConfigError with the file name on any problem."""
+    raw = read_yaml(path)
     try:
         return params_from_dict(raw)
     except ConfigError as exc:
