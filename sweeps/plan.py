@@ -157,10 +157,9 @@ def plan_notes(params: Params, trials: list[Trial]) -> list[str]:
 
 
 def main() -> int:
-    from stages.common.config import load_params
+    from stages.common.config import load_params, read_yaml
 
-    with open("params.yaml", encoding="utf-8") as handle:
-        raw = yaml.safe_load(handle)
+    raw = read_yaml("params.yaml")
     params = load_params("params.yaml")
     trials = plan_trials(raw, params, "sweep")
     for trial in trials:

@@ -110,13 +110,6 @@ def seeds_table(outcomes: list[Outcome], gate: Gate) -> str:
     return "\n".join(lines)
 
 
-def budget_words(budget: Budget) -> str:
-    """A budget in words: "60 steps (9,000 tokens)", or as much of it as is known."""
-    steps = f"{budget.steps:,} steps" if budget.steps is not None else ""
-    tokens = f"{budget.tokens:,} tokens" if budget.tokens is not None else ""
-    return f"{steps} ({tokens})" if steps and tokens else steps or tokens or "an unknown budget"
-
-
 def budget_note(outcomes: list[Outcome], trained: dict | None) -> str:
     """What makes a budget mismatch visible: successful trials that trained on different budgets from each other,
     and those that trained less than the champion the gate compared the best with (`trained`, the gate's record
@@ -126,7 +119,7 @@ def budget_note(outcomes: list[Outcome], trained: dict | None) -> str:
         return ""
     notes = []
     if len({budget for _, budget in known}) > 1:
-        each = ", ".join(f"{o.trial.name} {budget_words(budget)}" for o, budget in known)
+        each = ", ".join(f"{o.trial.name} {budget.words()}" for o, budget in known)
         notes.append(
             f"**The trials trained on different budgets**: {each}. Their metrics differ by how long they trained as "
             "well as by the values they tried."
@@ -138,13 +131,13 @@ def budget_note(outcomes: list[Outcome], trained: dict | None) -> str:
         if short:
             shapes = {budget for _, budget in short}
             each = (
-                f"each {budget_words(short[0][1])}"
+                f"each {short[0][1].words()}"
                 if len(shapes) == 1
-                else ", ".join(f"{o.trial.name} {budget_words(budget)}" for o, budget in short)
+                else ", ".join(f"{o.trial.name} {budget.words()}" for o, budget in short)
             )
             notes.append(
                 f"**{len(short)} of {len(known)} trials trained less than {trained['against']}**, which trained "
-                f"{budget_words(theirs)}: {each}. The gate compares the best trial with the champion as they are, "
+                f"{theirs.words()}: {each}. The gate compares the best trial with the champion as they are, "
                 "so a trial that trained less starts behind. The trials train on the params' own budget unless "
                 "`sweep.fixed` or the grid sets `train.max_steps`, `train.epochs` or `data.n_train`."
             )

@@ -116,9 +116,11 @@ TINY_LLAMA = {
 }
 
 
-def save_random_llama(folder: Path, shape: dict) -> Path:
+def save_random_llama(folder: Path, shape: dict, float16_exact: bool = False, **settings) -> Path:
     """A Llama of `shape` (hidden size, layers, heads...), randomly initialised with seed 0, saved (safetensors)
-    in `folder` with the test tokenizer; returns `folder`."""
+    in `folder` with the test tokenizer; returns `folder`. `settings` are further LlamaConfig values (rope
+    parameters, initializer_range); `float16_exact` rounds every weight through float16 first, so a float16
+    copy (an F16 GGUF) holds it exactly."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -131,9 +133,15 @@ def save_random_llama(folder: Path, shape: dict) -> Path:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **settings,
     )
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    model = LlamaForCausalLM(config)
+    if float16_exact:
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.copy_(parameter.half().float())
+    model.save_pretrained(folder, safe_serialization=True)
     return folder
 
 

@@ -324,6 +324,12 @@ class Budget:
     def record(self) -> dict:
         return {"steps": self.steps, "tokens": self.tokens}
 
+    def words(self) -> str:
+        """ "60 steps (9,000 tokens)", or as much of it as is known."""
+        steps = f"{self.steps:,} steps" if self.steps is not None else ""
+        tokens = f"{self.tokens:,} tokens" if self.tokens is not None else ""
+        return f"{steps} ({tokens})" if steps and tokens else steps or tokens or "an unknown budget"
+
     def less_than(self, other: Budget) -> bool:
         """Whether this is fewer steps or fewer tokens than `other`, on what both say."""
         pairs = ((self.steps, other.steps), (self.tokens, other.tokens))

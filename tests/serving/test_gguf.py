@@ -16,7 +16,7 @@ import pytest
 from serving.gguf import modelfile, rotary_permute, write_gguf
 from stages.common.config import params_from_dict
 from stages.common.errors import ConfigError, StageError
-from tests.conftest import TINY_LLAMA, copy_outputs, price_rows
+from tests.conftest import TINY_LLAMA, copy_outputs, price_rows, save_random_llama
 
 # Llama 3.1's rope scaling with its original context cut to 64 positions (of 256): with head_dim 16 and theta
 # 10000 the 8 rotary wavelengths (6.3, 19.9, 62.8, 199, ...) fall in all three of its bands (shorter than
@@ -56,34 +56,14 @@ def with_rope(source, folder, rope_parameters: dict):
 
 
 @pytest.fixture(scope="module")
-def llama31_dir(tiny_model_dir, tmp_path_factory):
+def llama31_dir(tmp_path_factory):
     """A tiny random Llama shaped like Llama 3.1 (rope type "llama3", original context 64 of 256) with the
     suite's tokenizer. Its weights are drawn wide (std 0.1) so that attention depends on position, and are
     rounded to float16 before saving, so that the F16 GGUF holds them exactly."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     folder = tmp_path_factory.mktemp("llama31")
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    tokenizer.save_pretrained(folder)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        **TINY_LLAMA,
-        max_position_embeddings=256,
-        rope_parameters=dict(LLAMA3_ROPE),
-        initializer_range=0.1,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+    return save_random_llama(
+        folder, TINY_LLAMA, float16_exact=True, rope_parameters=dict(LLAMA3_ROPE), initializer_range=0.1
     )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.copy_(parameter.half().float())
-    model.save_pretrained(folder, safe_serialization=True)
-    return folder
 
 
 def transformers_inv_freq(folder, rope_parameters: dict | None = None):
