@@ -29,18 +29,21 @@ def report_folder(root: Path) -> Path:
 
 
 def test_a_two_by_two_sweep_lands_its_experiments_gates_once_and_reports_its_failures(workspace_copy):
-    """Two learning rates x two module lists, one of which does not exist: two trials land (DVC experiments, child
+    """Two module lists, one of which does not exist, x two learning rates: two trials land (DVC experiments, child
     runs, versions with register: all), the gate runs once, and the two that fail are named with their last lines.
-    The same grid on Prefect workers, the tracking server and the reuse of finished trials are in
+    The modules come first in the grid so that the two trials that land are the first two, which the queue's two
+    workers start together: their overlap then lasts a whole trial, longer than the queue's poll interval (a trial
+    started after a failed one may overlap the other for less than one poll, too short to be seen).
+    Sweeps on Prefect workers, the tracking server and the reuse of finished trials are in
     tests/sweeps/test_workers.py."""
     root, env = workspace_copy
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    grid = {"train.learning_rate": [3.0e-3, 1.0e-2], "lora.target_modules": [["q_proj", "v_proj"], ["no_such_module"]]}
+    grid = {"lora.target_modules": [["q_proj", "v_proj"], ["no_such_module"]], "train.learning_rate": [3.0e-3, 1.0e-2]}
     done = sweep(root, env, grid, register="all")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     folder = report_folder(root)
     sweep_id = folder.name
-    names = [f"{sweep_id}-01", f"{sweep_id}-03"]  # the trials with modules that exist
+    names = [f"{sweep_id}-01", f"{sweep_id}-02"]  # the trials with modules that exist
 
     shown = json.loads(dvc(["exp", "show", "--json"], root, env).stdout)
     experiments = {e["name"]: e["revs"][0]["data"] for row in shown for e in row.get("experiments") or []}
@@ -51,7 +54,7 @@ def test_a_two_by_two_sweep_lands_its_experiments_gates_once_and_reports_its_fai
 
     client, parent, children = sweep_runs(uri, sweep_id)
     assert sorted(c.data.tags["dvc.exp_name"] for c in children) == names
-    assert all(c.info.run_name.startswith(c.data.tags["dvc.exp_name"] + " learning_rate=") for c in children)
+    assert all(c.info.run_name.startswith(c.data.tags["dvc.exp_name"] + " target_modules=") for c in children)
     error = {c.info.run_id: c.data.metrics["eval/adapter.avg_error"] for c in children}
     versions = {c.info.run_id: client.search_model_versions(f"run_id = '{c.info.run_id}'") for c in children}
     assert all(len(found) == 1 for found in versions.values())  # register: all gives every trial a version
@@ -68,15 +71,15 @@ def test_a_two_by_two_sweep_lands_its_experiments_gates_once_and_reports_its_fai
     assert view["searchFilter"] == f"tags.`sweep.id` = '{sweep_id}'" and view["orderByAsc"] is True
     assert [c["type"] for c in view["compareRunCharts"]] == ["PARALLEL", "SCATTER", "SCATTER"]
     assert view["selectedColumns"][-1] == "metrics.`eval/adapter.avg_error`"
-    assert view["compareRunCharts"][0]["selectedParams"] == ["train.learning_rate", "lora.target_modules"]
+    assert view["compareRunCharts"][0]["selectedParams"] == ["lora.target_modules", "train.learning_rate"]
 
     landed = [t for t in json.loads((folder / "trials.json").read_text()) if t["name"] in names]
     assert max(t["started"] for t in landed) < min(t["started"] + t["seconds"] for t in landed)  # side by side
     markdown = (folder / "report.md").read_text()
     assert all(name in markdown for name in names) and (folder / "chart.png").stat().st_size > 10_000
     assert "2 of 4 trials succeeded" in markdown
-    for failed, rate in ((f"{sweep_id}-02", "0.003"), (f"{sweep_id}-04", "0.01")):
-        assert f"**{failed}** (learning_rate={rate} target_modules=['no_such_module']) failed" in markdown
+    for failed, rate in ((f"{sweep_id}-03", "0.003"), (f"{sweep_id}-04", "0.01")):
+        assert f"**{failed}** (target_modules=['no_such_module'] learning_rate={rate}) failed" in markdown
     assert "no_such_module" in markdown.split("failed:", 1)[1]  # the trial's last lines (`dvc queue logs`)
     assert latest_report(env, "sweep-report") == markdown
     logged = client.list_artifacts(parent.info.run_id, "sweep")
