@@ -146,6 +146,9 @@ def write_metadata(writer, config, tokenizer, name: str, file_type: str) -> None
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
+    # llama.cpp takes a head's size as hidden size / heads unless told: a config's own head_dim may differ
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
     writer.add_rope_freq_base(rope_theta(config))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_dimension_count(head_dim)

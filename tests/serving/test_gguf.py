@@ -112,6 +112,8 @@ def test_every_weight_is_written_and_reads_back(tiny_model_dir, tmp_path, kind, 
     }
     assert fields["general.architecture"] == "llama" and fields["llama.block_count"] == config.num_hidden_layers
     assert fields["llama.attention.head_count_kv"] == config.num_key_value_heads
+    head_dim = config.hidden_size // config.num_attention_heads
+    assert fields["llama.attention.key_length"] == fields["llama.attention.value_length"] == head_dim
     assert fields["general.file_type"] == {"f16": 1, "q8_0": 7}[kind]
 
 
@@ -198,23 +200,35 @@ def llama_cpp_run(path, prompt: list[int], new_tokens: int):
     return generated, logits
 
 
+def transformers_run(folder, prompt: list[int], new_tokens: int):
+    """transformers' greedy continuation of `prompt` with the checkpoint in `folder`, in float32: (prompt + new
+    tokens, the logits at every position of them)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        sequence = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False)[0]
+        return sequence.tolist(), model(sequence[None]).logits[0].double().numpy()
+
+
+def long_prompt(folder, tokens: int) -> list[int]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return tokenizer(" ".join(row["text"] for row in price_rows(12)))["input_ids"][:tokens]
+
+
 def test_llama_cpp_runs_the_llama3_scaled_gguf_as_transformers_does_past_the_original_context(llama31_dir, tmp_path):
     pytest.importorskip("llama_cpp", reason=LLAMA_CPP_MISSING)
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(llama31_dir)
-    prompt = tokenizer(" ".join(row["text"] for row in price_rows(12)))["input_ids"][:150]
+    prompt = long_prompt(llama31_dir, 150)
     original = LLAMA3_ROPE["original_max_position_embeddings"]
     assert len(prompt) > 2 * original
-    model = AutoModelForCausalLM.from_pretrained(llama31_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        sequence = model.generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=False)[0]
-        expected = model(sequence[None]).logits[0].double().numpy()
+    sequence, expected = transformers_run(llama31_dir, prompt, 4)
     out = tmp_path / "model-f16.gguf"
     write_gguf(llama31_dir, out, "f16", "tiny-3.1")
     generated, logits = llama_cpp_run(out, prompt, 4)
-    assert generated == sequence[len(prompt) :].tolist()
+    assert generated == sequence[len(prompt) :]
     difference = np.abs(logits - expected)
     print(
         f"max |llama.cpp - transformers| logit: {difference.max():.4g} (past position {original}: "
@@ -225,11 +239,25 @@ def test_llama_cpp_runs_the_llama3_scaled_gguf_as_transformers_does_past_the_ori
     # the original context it no longer computes what transformers does
     unscaled = with_rope(llama31_dir, tmp_path / "unscaled", {"rope_type": "default", "rope_theta": 10000.0})
     write_gguf(unscaled, tmp_path / "unscaled.gguf", "f16", "tiny-3.1")
-    _, wrong = llama_cpp_run(tmp_path / "unscaled.gguf", sequence.tolist(), 0)
+    _, wrong = llama_cpp_run(tmp_path / "unscaled.gguf", sequence, 0)
     past = np.abs(wrong - expected)[original:]
     print(f"without rope_freqs: max difference past position {original}: {past.max():.4g}")
     assert past.max() > 20 * difference.max() and past.max() > 0.5
     assert (wrong[original:].argmax(-1) != expected[original:].argmax(-1)).any()
+
+
+def test_llama_cpp_runs_a_llama_whose_head_size_is_not_hidden_size_over_heads(tmp_path):
+    """head_dim 32 with hidden size 64 and 4 heads (llama.cpp would assume 16): the GGUF says the head size,
+    and llama.cpp computes what transformers does."""
+    pytest.importorskip("llama_cpp", reason=LLAMA_CPP_MISSING)
+    shape = {**TINY_LLAMA, "head_dim": 32}  # wide weights (std 0.1), as in llama31_dir, so no greedy ties
+    folder = save_random_llama(tmp_path / "wide-heads", shape, float16_exact=True, initializer_range=0.1)
+    prompt = long_prompt(folder, 40)
+    sequence, expected = transformers_run(folder, prompt, 4)
+    write_gguf(folder, tmp_path / "model.gguf", "f16", "tiny-wide-heads")
+    generated, logits = llama_cpp_run(tmp_path / "model.gguf", prompt, 4)
+    assert generated == sequence[len(prompt) :]
+    assert np.abs(logits - expected).max() < 0.05
 
 
 def test_the_modelfile_carries_the_prompt_greedy_decoding_and_the_stop():
