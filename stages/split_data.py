@@ -53,9 +53,9 @@ FEW_TEST_ITEMS = 30  # fewer draw a warning: too few for the gate to tell adapte
 EXAMPLES_PER_REASON = 3  # dropped rows named in the warning and in metrics/data.json, per reason
 REASONS = {
     PRICE: (
-        "row_too_long", "text_empty", "price_missing", "price_not_numeric", "price_not_finite",
-        "price_not_positive", "price_below_min", "price_above_max", "text_too_short", "text_too_few_words",
-        "duplicate_text", "balanced_sample_cap",
+        "row_too_long", "text_empty", "text_not_in_template", "price_missing", "price_not_numeric",
+        "price_not_finite", "price_not_positive", "price_below_min", "price_above_max", "text_too_short",
+        "text_too_few_words", "duplicate_text", "balanced_sample_cap",
     ),
     PAIR: ("row_too_long", "prompt_empty", "completion_empty", "duplicate_text"),
     CHAT: ("row_too_long", "messages_invalid", "duplicate_text"),
@@ -122,10 +122,25 @@ def price_value(raw, cfg: DataConfig) -> float:
     return price
 
 
+def unwrapped(text: str, template: str, field: str) -> str:
+    """The description inside `text`, a prompt written with `template` (data.text_template): what stands at
+    {text}. Whatever follows the template's end is dropped: it is the answer the source wrote into its prompt
+    (ed-donner/pricer-data ends each text with "Price is $<price>.00"); the price is read from price_column."""
+    head, tail = template.split("{text}")
+    if not text.startswith(head):
+        raise Dropped("text_not_in_template", field, f"does not start as data.text_template does ({head!r:.60})")
+    end = text.rfind(tail, len(head)) if tail else len(text)
+    if end < 0:
+        raise Dropped("text_not_in_template", field, f"lacks the end of data.text_template ({tail!r:.60})")
+    return text[len(head) : end]
+
+
 def price_row(values: dict, cfg: DataConfig) -> dict:
     """{"text", "price"} from a raw row, curated as params ask."""
     field = cfg.text_column
     text = text_value(values.get(field), field, "text_empty").strip()
+    if cfg.text_template is not None:
+        text = text_value(unwrapped(text, cfg.text_template.strip(), field), field, "text_empty").strip()
     check_length([text], field, cfg)
     price = price_value(values.get(cfg.price_column), cfg)
     if cfg.scrub:

@@ -92,6 +92,32 @@ def test_hub_config_and_split_of_a_local_dataset_folder(project):
         run_with(project, source="data/raw/hub-configs", hub_config="medium", text_column="description")
 
 
+COURSE_TEMPLATE = "How much does this cost to the nearest dollar?\n\n{text}\n\nPrice is $"
+
+
+def test_texts_that_hold_a_whole_prompt_give_their_descriptions(project, capsys):
+    """Rows as the course's pricer-data holds them (the prompt with its answer in `text`, the price beside it),
+    in a folder in Hub layout: with data.text_template the splits hold the descriptions alone; a row written
+    another way is dropped, counted and named; a template without {text} is refused."""
+    rows = price_rows(50)
+    wrapped = [
+        {"text": COURSE_TEMPLATE.format(text=r["text"]) + f"{r['price']:.0f}.00", "price": r["price"]} for r in rows
+    ]
+    wrapped.append({"text": "A kettle. Price is $12.00", "price": 12.0})
+    folder = project / "data" / "raw" / "pricer-layout"
+    folder.mkdir()
+    pd.DataFrame(wrapped).to_json(folder / "train.jsonl", orient="records", lines=True)
+    result, paths = run_with(project, source="data/raw/pricer-layout", text_template=COURSE_TEMPLATE)
+    assert result.dropped == {"text_not_in_template": 1} and result.sizes == expected_sizes(rows)
+    kept = {r["text"]: r["price"] for name in ("train", "val", "test") for r in read_jsonl(paths.split(name))}
+    assert kept.items() <= {r["text"]: r["price"] for r in rows}.items()  # no question, no "Price is $", no answer
+    assert len(kept) == sum(result.sizes.values())
+    warning = capsys.readouterr().err
+    assert "(text_not_in_template), e.g. data/raw/pricer-layout [train] row 51: field 'text': does not start" in warning
+    with pytest.raises(ConfigError, match=r"data.text_template: expected null or text with \{text\} once"):
+        params_from_dict({"data": {"text_template": "Price is $"}})
+
+
 def test_unknown_hub_dataset_fails_clearly(project):
     (project / "params.yaml").write_text("data:\n  source: no-such-owner/no-such-dataset\n", encoding="utf-8")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}

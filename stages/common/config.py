@@ -160,6 +160,7 @@ class DataConfig(Section):
     hub_split: str = "train"  # split of the Hub dataset to read
     shape: str = one_of(PRICE, SHAPES)
     text_column: str = "text"
+    text_template: str | None = None  # price shape: the text column's own wrapping; the part at {text} is kept
     price_column: str = "price"
     prompt_column: str = "prompt"
     completion_column: str = "completion"
@@ -180,6 +181,8 @@ class DataConfig(Section):
     test_split: str | None = None  # a kept copy of an earlier data/splits/test.jsonl: the test set, as is
 
     def check(self) -> None:
+        if self.text_template is not None and self.text_template.count("{text}") != 1:
+            self.fail("text_template", "null or text with {text} once, where the description is")
         if self.max_price is not None and self.max_price < self.min_price:
             self.fail("max_price", f"null or at least data.min_price={self.min_price:g}")
         if self.test_fraction + self.val_fraction >= 1:
