@@ -2,8 +2,9 @@
 the course's GPU run), checked against the declared params, planned with, or written into params.yaml.
 
 `params_with(params_file, override_file)` is the validated result without writing anything;
-`apply(params_file, override_file)` writes the new values into params.yaml in place, keeping its comments and
-order (DVC reads params.yaml alone, so that is where a run's values must be for `dvc repro` to see them).
+`apply(params_file, override_file)` writes the new values into params.yaml in place, changing only the
+lines of the keys it sets (DVC reads params.yaml alone, so that is where a run's values must be for `dvc repro`
+to see them).
 
 Run: `qlora-pipeline params apply configs/llama-3.1-8b.yaml`, `qlora-pipeline plan --with FILE`.
 """
@@ -46,16 +47,29 @@ def params_with(params_file: Path, override_file: Path) -> Params:
         raise ConfigError(f"{params_file} with {override_file}: {exc}") from exc
 
 
-def apply(params_file: Path, override_file: Path) -> list[str]:
-    """Write the override file's values into params.yaml (comments, order and every other key kept) once the
-    result is valid; return the "section.key" names whose value changed. A bad file leaves params.yaml as it was."""
+def round_trip_editor():
+    """ruamel.yaml in round-trip mode, set so that a dump changes no line it was not asked to: comments, order,
+    quotes and the spelling of numbers survive, null stays `null`, and long lines are not re-wrapped."""
     from ruamel.yaml import YAML
 
+    editor = YAML()
+    editor.preserve_quotes = True
+    editor.width = 4096
+    editor.indent(mapping=2, sequence=4, offset=2)  # params.yaml's block lists: "    - item"
+    editor.representer.add_representer(
+        type(None), lambda representer, _: representer.represent_scalar("tag:yaml.org,2002:null", "null")
+    )
+    return editor
+
+
+def apply(params_file: Path, override_file: Path) -> list[str]:
+    """Write the override file's values into params.yaml (comments, order and every other line kept) once the
+    result is valid; return the "section.key" names whose value changed. A bad file leaves params.yaml as it was."""
     params_with(params_file, override_file)  # the whole result validates before anything is written
-    overrides = read_overrides(override_file)
-    editor = YAML()  # round-trip mode: comments and layout survive
-    editor.width = 120
+    read_overrides(override_file)
+    editor = round_trip_editor()
     document = editor.load(Path(params_file).read_text(encoding="utf-8"))
+    overrides = editor.load(Path(override_file).read_text(encoding="utf-8"))  # values as the file spells them
     changed = []
     for section, values in overrides.items():
         if document.get(section) is None:

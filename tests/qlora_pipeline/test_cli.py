@@ -3,6 +3,7 @@ kept, and the planner on the course's Llama 3.1 8B file from a config alone."""
 
 from __future__ import annotations
 
+import difflib
 import json
 import shutil
 import subprocess
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from qlora_pipeline.cli import DELEGATED, build_parser, main
 from stages.common.config import load_params
@@ -62,11 +64,18 @@ def test_params_apply_writes_the_values_and_keeps_the_comments(tmp_path, capsys)
     assert main(["params", "apply", str(LLAMA_31_FILE), "--params", str(params)]) == 0
     assert "base_model.source" in capsys.readouterr().out
     after = params.read_text()
-    kept = [line for line in before.splitlines() if line.lstrip().startswith("#")]
-    assert all(line in after.splitlines() for line in kept), "every comment line survives"
+    overridden = [key for values in yaml.safe_load(LLAMA_31_FILE.read_text()).values() for key in values]
+    edits = [line for line in difflib.ndiff(before.splitlines(), after.splitlines()) if line[:2] in ("- ", "+ ")]
+    removed = [line[2:] for line in edits if line.startswith("- ")]
+    # one line per overridden key changes, its comment kept; no other line (quotes, nulls, numbers, lists) moves
+    assert len(removed) == len(edits) / 2 == len(overridden)
+    assert sorted(line.split(":")[0].strip() for line in removed) == sorted(overridden)
+    added = [line[2:] for line in edits if line.startswith("+ ")]
+    assert [line.partition("#")[2] for line in removed] == [line.partition("#")[2] for line in added]
     values = load_params(params)
     assert values.base_model.source == "meta-llama/Llama-3.1-8B"
     assert values.train.learning_rate == 1e-4 and values.data.n_train == -1
+    assert values.data.text_template.endswith("\n\nPrice is $")
     assert values.lora.r == load_params(ROOT / "params.yaml").lora.r  # what the file does not name stays
     assert main(["params", "apply", str(LLAMA_31_FILE), "--params", str(params)]) == 0
     assert "already holds every value" in capsys.readouterr().out
