@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import NamedTuple
@@ -63,6 +64,15 @@ def pytest_collection_modifyitems(items):
     if gpu_items and not cuda_available():
         for item in gpu_items:
             item.add_marker(pytest.mark.skip(reason=NO_CUDA))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Stop the temporary Prefect server that flows run in this process started, while pytest's streams are open:
+    left to its exit hook, it logs "Stopping temporary server" to a closed stream, a traceback in every test log.
+    (Prefect's own test fixtures stop it the same way.)"""
+    server = sys.modules.get("prefect.server.api.server")
+    if server is not None:
+        server.SubprocessASGIServer().stop()
 
 
 def cuda_available() -> bool:
