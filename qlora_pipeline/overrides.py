@@ -65,8 +65,7 @@ def round_trip_editor():
 def apply(params_file: Path, override_file: Path) -> list[str]:
     """Write the override file's values into params.yaml (comments, order and every other line kept) once the
     result is valid; return the "section.key" names whose value changed. A bad file leaves params.yaml as it was."""
-    params_with(params_file, override_file)  # the whole result validates before anything is written
-    read_overrides(override_file)
+    params_with(params_file, override_file)  # the file's form and the whole result validate before any write
     editor = round_trip_editor()
     document = editor.load(Path(params_file).read_text(encoding="utf-8"))
     overrides = editor.load(Path(override_file).read_text(encoding="utf-8"))  # values as the file spells them
