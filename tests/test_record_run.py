@@ -190,6 +190,6 @@ def test_a_retrain_that_trained_less_than_the_champion_says_so_in_the_record(fin
     record = json.loads(paths.run_record.read_text())
     assert record["version"] == "2" and record["alias"] == "challenger"  # the same results: not better
     assert record["reason"].endswith(
-        "; the candidate trained 60 steps (9,000 tokens) against champion v1's 150 (22,500)"
+        "; the candidate trained 60 steps (9,000 tokens) against champion v1's 150 steps (22,500 tokens)"
     )
     assert record["trained"]["champion"] == {"steps": 150, "tokens": 22500}

@@ -383,23 +383,16 @@ def verdict(gate: Gate, c: Comparison) -> tuple[bool, str]:
 
 def trained_less(candidate: Budget | None, champion: Champion | None) -> str:
     """A clause for the reason when the candidate trained on less than the champion, fewer optimizer steps or
-    fewer tokens ("; the candidate trained 60 steps (9,000 tokens) against champion v3's 150 (22,500)"), which
-    alone can make it lose; "" when it trained as much or more, or when either budget is unknown (a champion
-    recorded before runs logged it)."""
+    fewer tokens ("; the candidate trained 60 steps (9,000 tokens) against champion v3's 150 steps (22,500
+    tokens)", naming what both budgets say), which alone can make it lose; "" when it trained as much or more,
+    or when either budget is unknown (a champion recorded before runs logged it)."""
     if candidate is None or champion is None or champion.budget is None or not candidate.less_than(champion.budget):
         return ""
-    mine, theirs = candidate, champion.budget
-    steps = mine.steps is not None and theirs.steps is not None
-    tokens = mine.tokens is not None and theirs.tokens is not None
-    whose = f"{champion.name}'s"
-    if steps and tokens:
-        return (
-            f"; the candidate trained {mine.steps:,} steps ({mine.tokens:,} tokens) against {whose} "
-            f"{theirs.steps:,} ({theirs.tokens:,})"
-        )
-    if steps:
-        return f"; the candidate trained {mine.steps:,} steps against {whose} {theirs.steps:,}"
-    return f"; the candidate trained on {mine.tokens:,} tokens against {whose} {theirs.tokens:,}"
+    theirs = champion.budget
+    steps = candidate.steps is not None and theirs.steps is not None
+    tokens = candidate.tokens is not None and theirs.tokens is not None
+    mine, theirs = (Budget(b.steps if steps else None, b.tokens if tokens else None) for b in (candidate, theirs))
+    return f"; the candidate trained {mine.words()} against {champion.name}'s {theirs.words()}"
 
 
 def compared_keys(gate: Gate, candidate: Items, champion: Champion, test: Provenance) -> tuple[list[str] | None, str]:

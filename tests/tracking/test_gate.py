@@ -251,11 +251,13 @@ def trained(budget: Budget | None) -> Champion:
 
 def test_a_candidate_that_trained_less_is_said_to_with_both_budgets():
     clause = trained_less(Budget(60, 9_000), trained(CHAMPION_BUDGET))
-    assert clause == "; the candidate trained 60 steps (9,000 tokens) against champion v3's 150 (22,500)"
+    assert clause == "; the candidate trained 60 steps (9,000 tokens) against champion v3's 150 steps (22,500 tokens)"
     fewer_tokens = trained_less(Budget(150, 20_000), trained(CHAMPION_BUDGET))  # as many steps, fewer tokens
-    assert fewer_tokens == "; the candidate trained 150 steps (20,000 tokens) against champion v3's 150 (22,500)"
+    assert fewer_tokens == (
+        "; the candidate trained 150 steps (20,000 tokens) against champion v3's 150 steps (22,500 tokens)"
+    )
     labelled = Champion("3", CURRENT, None, label="the champion", budget=CHAMPION_BUDGET)
-    assert "against the champion's 150 (22,500)" in trained_less(Budget(60, 9_000), labelled)
+    assert "against the champion's 150 steps (22,500 tokens)" in trained_less(Budget(60, 9_000), labelled)
 
 
 def test_the_same_or_a_larger_budget_says_nothing():
@@ -272,9 +274,9 @@ def test_an_unknown_budget_says_nothing():
 
 def test_only_what_both_runs_logged_is_compared():
     assert trained_less(Budget(60, None), trained(CHAMPION_BUDGET)) == (
-        "; the candidate trained 60 steps against champion v3's 150"
+        "; the candidate trained 60 steps against champion v3's 150 steps"
     )
     assert trained_less(Budget(None, 9_000), trained(Budget(150, 22_500))) == (
-        "; the candidate trained on 9,000 tokens against champion v3's 22,500"
+        "; the candidate trained 9,000 tokens against champion v3's 22,500 tokens"
     )
     assert trained_less(Budget(60, 30_000), trained(Budget(None, 22_500))) == ""  # more tokens; steps unknown

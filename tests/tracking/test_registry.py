@@ -141,7 +141,7 @@ def test_a_candidate_that_trained_less_than_the_champion_is_said_to_wherever_the
     client = store[0]
     register(store, b"one", 300.0, train_metrics=steps(150, 22_500))
     short = register(store, b"two", 400.0, train_metrics=steps(60, 9_000))
-    clause = "; the candidate trained 60 steps (9,000 tokens) against champion v1's 150 (22,500)"
+    clause = "; the candidate trained 60 steps (9,000 tokens) against champion v1's 150 steps (22,500 tokens)"
     assert short["alias"] == CHALLENGER and short["reason"].endswith(f"not better{clause}")
     assert short["trained"] == {
         "candidate": {"steps": 60, "tokens": 9000}, "champion": {"steps": 150, "tokens": 22500},
@@ -166,7 +166,7 @@ def test_a_champion_whose_run_logged_no_budget_is_not_compared_by_budget(store):
 def test_a_champion_recorded_with_the_old_metric_names_has_its_budget_read(store):
     register(store, b"one", 300.0, train_metrics=steps(150, 22_500, legacy=True))
     short = register(store, b"two", 400.0, train_metrics=steps(60, 9_000))
-    assert "against champion v1's 150 (22,500)" in short["reason"]
+    assert "against champion v1's 150 steps (22,500 tokens)" in short["reason"]
 
 
 def test_a_champion_without_a_training_record_from_another_test_set_keeps_its_alias(store):
