@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 
 from bench.machine import describe, machine
 from bench.memory import LLAMA_1B, SYNTHETIC_VOCAB, random_base, synthetic_batches
+from stages.common.io import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gpu_check.json"
 SHAPES = {
@@ -168,8 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows, peak_tflops))
     result = {"device": name, "torch": torch.__version__, "peak_bf16_tflops": peak_tflops, "machine": machine()}
     result |= {"gpu_tests_exit_code": tests, "shapes": rows}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.output, result)
     print(f"wrote {args.output}")
     return 1 if tests else 0
 
