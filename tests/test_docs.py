@@ -301,7 +301,7 @@ def cli_written() -> list[tuple[Code, list[str]]]:
 
 
 def test_every_qlora_pipeline_subcommand_in_the_docs_exists():
-    from qlora_pipeline.cli import build_parser  # the lead's console script (pyproject's [project.scripts])
+    from qlora_pipeline.cli import build_parser  # the console script (pyproject's [project.scripts])
 
     commands = subcommands(build_parser())
     written = cli_written()
